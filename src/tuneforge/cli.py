@@ -1,0 +1,170 @@
+"""`tuneforge` command line. Imports stay lazy: `tuneforge --help` and config checks load no torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from tuneforge.errors import ParityError, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune LLMs on your own data: prepare -> train -> merge -> generate / chat.")
+config_app = typer.Typer(no_args_is_help=True, help="Validate, show or describe configs.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at prepared data.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
+
+
+def _load(config: Path, overrides: Optional[List[str]]):
+    from tuneforge.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def train(config: Path, overrides: Optional[List[str]] = SetOpt,
+          resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output.dir.")):
+    """Fine-tune a model as described by CONFIG (YAML or JSON)."""
+    cfg = _load(config, overrides)
+    from tuneforge.train.sft import run
+
+    summary = run(cfg, resume=resume, log=console.print)
+    _print_summary(cfg.run_dir, summary)
+
+
+def _print_summary(run_dir: Path, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run finished: {run_dir}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("train loss (last step)", "", f"{summary['final_loss']:.4f}")
+    if "eval_loss" in summary:
+        table.add_row("eval loss", "", f"{summary['eval_loss']:.4f}")
+    before, after = summary.get("generate_eval_before", {}), summary.get("generate_eval_after", {})
+    for key in after:
+        table.add_row(key.removeprefix("gen_") + " (held-out)", f"{before.get(key, float('nan')):.1%}", f"{after[key]:.1%}")
+    Console().print(table)
+
+
+@app.command()
+def prepare(config: Path, overrides: Optional[List[str]] = SetOpt):
+    """Tokenize and cache the data (run once before distributed training)."""
+    cfg = _load(config, overrides)
+    from tuneforge.data.prepare import prepare as run_prepare
+    from tuneforge.model.load import load_tokenizer, resolve_model_dir
+
+    tok = load_tokenizer(resolve_model_dir(cfg.model, console.print), cfg.model)
+    data = run_prepare(cfg.data, tok)
+    _print_report(data)
+
+
+def _print_report(data) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"prepared data {data.fingerprint} ({'cache hit' if data.cache_hit else 'new'})")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for k, v in data.report.items():
+        if k not in ("fingerprint", "bad_row_examples"):
+            table.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    Console().print(table)
+
+
+@app.command()
+def merge(run_dir: Path, out: Optional[Path] = typer.Option(None, help="Output dir (default RUN_DIR/merged)."),
+          tolerance: float = typer.Option(1e-3, help="Max |logit difference| allowed between adapter and merged model.")):
+    """Fuse a LoRA adapter into full weights, loadable by plain transformers; checks logit parity."""
+    from tuneforge.export.merge import merge as run_merge
+
+    report = run_merge(str(run_dir), str(out) if out else None, tolerance)
+    Console().print(f"merged -> {report['out']}  max |logit diff| {report['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}) OK")
+
+
+@app.command()
+def generate(path: Path, prompt: str = typer.Option(..., help="The user message."),
+             system: Optional[str] = typer.Option(None, help="System prompt."),
+             max_new_tokens: int = typer.Option(128), temperature: float = typer.Option(0.0, help="0 = greedy.")):
+    """Answer one prompt with a run dir, adapter dir or model dir."""
+    from tuneforge.infer.chat import generate_once
+
+    print(generate_once(str(path), prompt, system, max_new_tokens, temperature))
+
+
+@app.command()
+def chat(path: Path, system: Optional[str] = typer.Option(None, help="System prompt."),
+         max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0)):
+    """Interactive chat with streaming output (/reset, /exit)."""
+    from tuneforge.infer.chat import chat_loop
+
+    chat_loop(str(path), system, max_new_tokens, temperature)
+
+
+@config_app.command("validate")
+def config_validate(config: Path, overrides: Optional[List[str]] = SetOpt):
+    """Check CONFIG: unknown keys, bad values and impossible combinations. Exit 2 on error."""
+    _load(config, overrides)
+    Console().print(f"{config}: valid")
+
+
+@config_app.command("show")
+def config_show(config: Path, overrides: Optional[List[str]] = SetOpt):
+    """Print the fully resolved config (defaults filled in) as YAML."""
+    import yaml
+
+    print(yaml.safe_dump(_load(config, overrides).model_dump(mode="json"), sort_keys=False), end="")
+
+
+@config_app.command("schema")
+def config_schema():
+    """Print the JSON schema of the config."""
+    from tuneforge.config import Config
+
+    print(json.dumps(Config.model_json_schema(), indent=2))
+
+
+@data_app.command("inspect")
+def data_inspect(config: Path, split: str = typer.Option("train", help="train or eval."), limit: int = typer.Option(3),
+                 as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {text, input_ids, labels}."),
+                 overrides: Optional[List[str]] = SetOpt):
+    """Show rendered samples with the trained tokens highlighted (needs only the tokenizer)."""
+    cfg = _load(config, overrides)
+    if split not in ("train", "eval"):
+        raise UserError(f"--split {split!r}: use train or eval")
+    from tuneforge.data.inspect import inspect_samples
+
+    inspect_samples(cfg, split, limit, as_json)
+
+
+def main() -> None:
+    import warnings
+
+    import click
+
+    # Library deprecation chatter (peft/transformers) is not actionable for a user of tuneforge.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    try:
+        rv = app(standalone_mode=False)
+    except UserError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except ParityError as exc:
+        console.print(f"[red]parity check failed:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("interrupted")
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

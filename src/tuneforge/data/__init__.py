@@ -1,0 +1,1 @@
+"""Data: rows -> conversations -> one render with the chat template -> tokens + loss masks -> cache."""

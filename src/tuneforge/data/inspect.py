@@ -1,0 +1,30 @@
+"""`tuneforge data inspect`: the exact rendered text, ids and labels, with trained spans highlighted."""
+
+from __future__ import annotations
+
+import json
+
+from tuneforge.data.render import IGNORE
+
+
+def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
+    from tuneforge.data.prepare import prepare
+    from tuneforge.model.load import load_tokenizer, resolve_model_dir
+
+    tok = load_tokenizer(resolve_model_dir(cfg.model), cfg.model)
+    data = prepare(cfg.data, tok)
+    samples = (data.train if split == "train" else data.eval)[:limit]
+    if as_json:
+        rows = [{"text": tok.decode(s.input_ids, skip_special_tokens=False), "input_ids": s.input_ids, "labels": s.labels} for s in samples]
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console()
+    for i, s in enumerate(samples):
+        text = Text()
+        for tid, lab in zip(s.input_ids, s.labels):
+            text.append(tok.decode([tid]), style="bold green" if lab != IGNORE else "dim")
+        console.rule(f"{split} sample {i}: {len(s.input_ids)} tokens, {s.n_targets} trained (green)")
+        console.print(text)

@@ -1,0 +1,1 @@
+"""Inference: generate once, interactive chat (streaming), batch prediction."""

@@ -1,0 +1,55 @@
+"""Interactive chat and one-shot generation from a run dir, adapter dir, or model dir."""
+
+from __future__ import annotations
+
+import sys
+from threading import Thread
+
+from tuneforge.data.templates import stop_token_ids
+from tuneforge.model.generate import generate_batch, prompt_ids
+
+
+def generate_once(path: str, prompt: str, system: str | None, max_new_tokens: int, temperature: float) -> str:
+    from tuneforge.model.trained import load_trained
+
+    model, tokenizer, _ = load_trained(path)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return generate_batch(model, tokenizer, [msgs], max_new_tokens, temperature=temperature)[0]
+
+
+def chat_loop(path: str, system: str | None, max_new_tokens: int, temperature: float, out=sys.stdout, inp=sys.stdin) -> None:
+    """Read user lines from `inp`; stream replies to `out`. /reset clears history, /exit quits."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from tuneforge.model.trained import load_trained
+
+    model, tokenizer, _ = load_trained(path)
+    history = [{"role": "system", "content": system}] if system else []
+    out.write("chat ready: type a message, /reset to clear history, /exit to quit\n")
+    while True:
+        out.write("you> ")
+        out.flush()
+        line = inp.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        ids = torch.tensor([prompt_ids(tokenizer, history)])
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=streamer,
+                      eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      do_sample=temperature > 0, **({"temperature": temperature} if temperature > 0 else {}))
+        worker = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+        worker.start()
+        out.write("assistant> ")
+        reply = ""
+        for piece in streamer:
+            reply += piece
+            out.write(piece)
+            out.flush()
+        worker.join()
+        out.write("\n")
+        history.append({"role": "assistant", "content": reply.strip()})

@@ -1,0 +1,106 @@
+"""Load base models and tokenizers from a local HF directory, a .gguf file, or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from tuneforge.config.schema import ModelConfig
+from tuneforge.errors import UserError
+
+
+def tuneforge_home() -> Path:
+    return Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge"))
+
+
+def looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.endswith(".gguf") or Path(path).exists()
+
+
+def resolve_model_dir(cfg: ModelConfig, log=print) -> str:
+    """Return something `from_pretrained` accepts: a local dir (GGUF converted once, cached) or a hub id."""
+    path = os.path.expanduser(cfg.path)
+    if not looks_local(path):
+        return path  # hub id: downloaded by transformers (needs network; HF_TOKEN from env/.env)
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model.path: GGUF file not found: {path}")
+        return str(gguf_to_hf_dir(p, log))
+    if not (p / "config.json").is_file():
+        raise UserError(f"model.path: {path} is not a model directory (no config.json); give an HF model dir, a .gguf file or a hub id")
+    return str(p)
+
+
+def gguf_to_hf_dir(gguf_path: Path, log=print) -> Path:
+    """Dequantize a GGUF file to an HF safetensors dir once; later loads take ~1 s instead of ~20 s."""
+    digest = hashlib.sha256(gguf_path.read_bytes()).hexdigest()[:16]
+    out = tuneforge_home() / "gguf" / digest
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf_path.name} to a cached HF model dir (once): {out}")
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # transformers' GGUF tokenizer conversion drops the chat template: read it from the metadata.
+    tok.chat_template = tok.chat_template or gguf_chat_template(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def gguf_chat_template(gguf_path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+    if field is None:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def load_tokenizer(source: str, cfg: ModelConfig | None = None):
+    from transformers import AutoTokenizer
+
+    from tuneforge.data.templates import apply_template_override
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision if cfg else None, trust_remote_code=bool(cfg and cfg.trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+    apply_template_override(tok, cfg.chat_template if cfg else None)
+    if tok.pad_token is None:
+        # Padding only matters for padded batches and batched generation; EOS is the safe default.
+        tok.pad_token = (cfg.pad_token if cfg and cfg.pad_token else None) or tok.eos_token
+    return tok
+
+
+def pick_dtype(name: str):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(source: str, cfg: ModelConfig | None = None, dtype: str = "auto"):
+    from transformers import AutoModelForCausalLM
+
+    attn = (cfg.attn_implementation if cfg else "auto")
+    kwargs = {
+        "dtype": pick_dtype(cfg.dtype if cfg else dtype),
+        "attn_implementation": "sdpa" if attn == "auto" else attn,
+        "trust_remote_code": bool(cfg and cfg.trust_remote_code),
+    }
+    if cfg and cfg.revision:
+        kwargs["revision"] = cfg.revision
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a model from {source}: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,1 @@
+"""Training: one recipe per method (sft.py), the loss, checkpoints, tracking."""
