@@ -74,7 +74,10 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{source}: {explain(exc.errors()[0], Config)}") from None
+        errors = exc.errors()
+        # A misspelled key also makes the real key "missing": report the typo, it is the cause.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        raise UserError(f"{source}: {explain(first, Config)}") from None
 
 
 def explain(err: dict[str, Any], root: type[BaseModel]) -> str:

@@ -41,7 +41,7 @@ class Prepared:
 
 def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
     fingerprint = data_fingerprint(data_cfg, tokenizer)
-    cache_dir = Path(data_cfg.cache_dir) / fingerprint
+    cache_dir = cache_path(data_cfg, fingerprint)
     if (cache_dir / "report.json").is_file():
         return _load_cache(cache_dir, fingerprint)
     report: dict[str, Any] = {"rows_read": 0, "dropped": Counter(), "bad_row_examples": [], "truncated": 0}
@@ -58,6 +58,10 @@ def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
     report = _finish_report(report, train, evals, fingerprint)
     _save_cache(cache_dir, train, evals, report)
     return Prepared(train, evals, fingerprint, report)
+
+
+def cache_path(data_cfg: DataConfig, fingerprint: str) -> Path:
+    return Path(data_cfg.cache_dir) / fingerprint
 
 
 def data_fingerprint(data_cfg: DataConfig, tokenizer) -> str:
@@ -91,7 +95,7 @@ def _read_specs(specs: list[DatasetSpec], data_cfg: DataConfig, report: dict) ->
 def _bad_row(where: str, reason: str, data_cfg: DataConfig, report: dict) -> None:
     if data_cfg.on_bad_row == "error":
         raise UserError(f"{where} (fix the row, or set data.on_bad_row: skip)")
-    report["dropped"][reason.split(":")[0]] += 1
+    report["dropped"][reason.split(" (")[0].split(":")[0][:48]] += 1
     if len(report["bad_row_examples"]) < 5:
         report["bad_row_examples"].append(where)
 

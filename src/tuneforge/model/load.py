@@ -46,7 +46,14 @@ def gguf_to_hf_dir(gguf_path: Path, log=print) -> Path:
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # transformers' GGUF tokenizer conversion drops the chat template: read it from the metadata.
     tok.chat_template = tok.chat_template or gguf_chat_template(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    # A GGUF-loaded model is flagged "quantized" and refuses save_pretrained; its weights are already
+    # dequantized fp32, so copy them into a plain model built from the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype="float32")
+    model.load_state_dict(loaded.state_dict())
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

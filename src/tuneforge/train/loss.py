@@ -22,3 +22,9 @@ def summed_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["targets"] != IGNORE).sum())
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens: what throughput is measured in."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())

@@ -170,15 +170,25 @@ class SFTRecipe:
         return [[self.data.train[i] for i in mine[k : k + mbs]] for k in range(0, len(mine), mbs)], epoch
 
     def _optimizer_step(self, step: int) -> dict:
+        metrics = self.backward_step(step)
+        metrics["grad_norm"] = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def backward_step(self, step: int) -> dict:
+        """Forward + backward over this step's micro-batches; gradients hold d(loss)/d(params) after."""
         import torch
 
         from tuneforge.data.collate import collate
-        from tuneforge.train.loss import count_targets, forward_logits, summed_ce
+        from tuneforge.train.loss import count_targets, forward_logits, real_tokens, summed_ce
 
         micro, epoch = self._batches_for_step(step)
         device = self.accel.device
         batches = [{k: v.to(device) for k, v in collate(mb, self.tokenizer.pad_token_id, self.cfg.data.packing).items()} for mb in micro]
-        local = torch.tensor([sum(count_targets(b) for b in batches), sum(int(b["input_ids"].numel()) for b in batches)], device=device)
+        local = torch.tensor([sum(count_targets(b) for b in batches), sum(real_tokens(b) for b in batches)], device=device)
         n_targets, n_tokens = self.accel.reduce(local, reduction="sum").tolist()
         # DDP averages gradients over processes; scaling by world size turns that back into a sum.
         scale = self.accel.num_processes / n_targets
@@ -189,13 +199,8 @@ class SFTRecipe:
                 loss_sum = summed_ce(forward_logits(self.model, batch), batch["targets"])
             self.accel.backward(loss_sum * scale)
             total += loss_sum.detach()
-        grad_norm = self._clip()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         loss = self.accel.reduce(total, reduction="sum").item() / n_targets
-        return {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": epoch,
-                "tokens": int(n_tokens), "target_tokens": int(n_targets)}
+        return {"loss": loss, "epoch": epoch, "tokens": int(n_tokens), "target_tokens": int(n_targets)}
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
