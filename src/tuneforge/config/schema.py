@@ -32,10 +32,12 @@ class ModelConfig(Section):
 
 
 class DatasetSpec(Section):
-    path: str = Field(description="A local .jsonl or .json file.")
-    format: Literal["auto", "messages", "alpaca", "sharegpt"] = Field(
-        "auto", description="Row format; auto detects from the row's keys."
+    path: str = Field(description="A local file (.jsonl .json .csv .tsv .parquet .txt) or a directory of them.")
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "input_output", "text"] = Field(
+        "auto", description="Row format; auto detects from the row's keys (text = plain corpus, all tokens trained)."
     )
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename columns to the format's names, e.g. {question: prompt, answer: completion}.")
+    text_unit: Literal["file", "line"] = Field("file", description="For .txt files: one document per file or per line.")
 
 
 class DataConfig(Section):

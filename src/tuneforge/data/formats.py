@@ -15,6 +15,9 @@ class BadRow(ValueError):
     """A row that cannot become a conversation; the message says which field and why."""
 
 
+IO_PAIRS = (("prompt", "completion"), ("input", "output"), ("prompt", "generation"), ("prompt", "response"))
+
+
 def detect_format(data: dict[str, Any]) -> str:
     if "messages" in data:
         return "messages"
@@ -22,6 +25,10 @@ def detect_format(data: dict[str, Any]) -> str:
         return "sharegpt"
     if "instruction" in data and "output" in data:
         return "alpaca"
+    if any(a in data and b in data for a, b in IO_PAIRS):
+        return "input_output"
+    if "text" in data:
+        return "text"
     raise BadRow(f"cannot detect the format from keys {sorted(data)} (expected messages, conversations, or instruction+output; or set format:)")
 
 
@@ -69,17 +76,37 @@ def from_alpaca(data: dict[str, Any]) -> Messages:
     return out + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
+def from_input_output(data: dict[str, Any]) -> Messages:
+    for a, b in IO_PAIRS:
+        if a in data and b in data:
+            if not isinstance(data[a], str) or not isinstance(data[b], str):
+                raise BadRow(f"fields '{a}' and '{b}' must be strings")
+            return [{"role": "user", "content": data[a]}, {"role": "assistant", "content": data[b]}]
+    raise BadRow("input-output rows need prompt/completion, input/output, prompt/generation or prompt/response")
+
+
+def from_text(data: dict[str, Any]) -> str:
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise BadRow("field 'text' must be a non-empty string")
+    return text
+
+
 CONVERTERS: dict[str, Callable[[dict[str, Any]], Messages]] = {
     "messages": from_messages,
     "sharegpt": from_sharegpt,
     "alpaca": from_alpaca,
+    "input_output": from_input_output,
 }
 
 
-def to_conversation(row: Row, fmt: str, system_prompt: str | None) -> Messages:
-    """Convert one row; raises BadRow with a reason (the caller adds file and row number)."""
-    name = detect_format(row.data) if fmt == "auto" else fmt
-    msgs = CONVERTERS[name](row.data)
+def to_conversation(row: Row, fmt: str, system_prompt: str | None, columns: dict[str, str] | None = None) -> Messages | str:
+    """Convert one row to messages (or a plain string for `text` rows); raises BadRow with a reason."""
+    data = {columns.get(k, k): v for k, v in row.data.items()} if columns else row.data
+    name = detect_format(data) if fmt == "auto" else fmt
+    if name == "text":
+        return from_text(data)
+    msgs = CONVERTERS[name](data)
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise BadRow("no assistant turn with content: nothing to train on")
     if system_prompt and msgs[0]["role"] != "system":

@@ -12,7 +12,7 @@ from typing import Any
 
 from tuneforge.config.schema import DataConfig, DatasetSpec
 from tuneforge.data.formats import BadRow, Messages, to_conversation
-from tuneforge.data.render import IGNORE, encode
+from tuneforge.data.render import IGNORE, encode, encode_text
 from tuneforge.data.sources import read_rows
 from tuneforge.errors import UserError
 
@@ -23,7 +23,7 @@ CACHE_VERSION = "1"  # bump when the encoding logic changes, so old caches are n
 class Sample:
     input_ids: list[int]
     labels: list[int]
-    messages: Messages
+    messages: Messages | str  # a conversation, or plain corpus text
 
     @property
     def n_targets(self) -> int:
@@ -69,9 +69,10 @@ def data_fingerprint(data_cfg: DataConfig, tokenizer) -> str:
     h = hashlib.sha256(CACHE_VERSION.encode())
     for spec in data_cfg.train + data_cfg.eval:
         p = Path(spec.path)
-        if not p.is_file():
+        if not p.exists():
             raise UserError(f"data file not found: {spec.path} (check data.train / data.eval paths)")
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+        for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update((tokenizer.chat_template or "").encode())
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
@@ -83,10 +84,10 @@ def data_fingerprint(data_cfg: DataConfig, tokenizer) -> str:
 def _read_specs(specs: list[DatasetSpec], data_cfg: DataConfig, report: dict) -> list[Messages]:
     convs = []
     for spec in specs:
-        for row in read_rows(spec.path):
+        for row in read_rows(spec.path, spec.text_unit):
             report["rows_read"] += 1
             try:
-                convs.append(to_conversation(row, spec.format, data_cfg.system_prompt))
+                convs.append(to_conversation(row, spec.format, data_cfg.system_prompt, spec.columns))
             except BadRow as exc:
                 _bad_row(f"{row.where}: {exc}", str(exc), data_cfg, report)
     return convs
@@ -112,7 +113,10 @@ def _encode_all(convs: list[Messages], tokenizer, data_cfg: DataConfig, report: 
     out = []
     for i, msgs in enumerate(convs):
         try:
-            _, enc = encode(tokenizer, msgs, data_cfg.train_on, data_cfg.max_length)
+            if isinstance(msgs, str):
+                enc = encode_text(tokenizer, msgs, data_cfg.max_length)
+            else:
+                _, enc = encode(tokenizer, msgs, data_cfg.train_on, data_cfg.max_length)
         except BadRow as exc:
             _bad_row(f"conversation {i}: {exc}", str(exc), data_cfg, report)
             continue

@@ -81,3 +81,11 @@ def _overlaps(off: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
     if a == b:  # zero-width (some special tokens): count by position
         return any(s <= a < e for s, e in spans)
     return any(a < e and b > s for s, e in spans)
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
+    """Plain corpus text: BOS (if the tokenizer has one) + text + EOS, every token trained."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    ids = ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return Encoded(ids[:max_length], ids[:max_length], len(ids) > max_length)

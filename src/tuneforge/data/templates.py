@@ -12,14 +12,18 @@ from tuneforge.errors import UserError
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
 
 
+def _folder():
+    return resources.files("tuneforge.data").joinpath("chat_templates")
+
+
 def builtin_names() -> list[str]:
-    return sorted(p.name.removesuffix(".jinja") for p in resources.files("tuneforge.data.templates").iterdir() if p.name.endswith(".jinja"))
+    return sorted(p.name.removesuffix(".jinja") for p in _folder().iterdir() if p.name.endswith(".jinja"))
 
 
 def resolve_template(spec: str) -> str:
     """A built-in name, a path to a .jinja file, or a literal jinja string -> template text."""
     if spec in builtin_names():
-        return resources.files("tuneforge.data.templates").joinpath(f"{spec}.jinja").read_text(encoding="utf-8")
+        return _folder().joinpath(f"{spec}.jinja").read_text(encoding="utf-8")
     if spec.endswith(".jinja"):
         p = Path(spec)
         if not p.is_file():

@@ -243,7 +243,7 @@ class SFTRecipe:
         from tuneforge.model.generate import generate_batch
 
         g = self.cfg.train.generate_eval
-        convs = [s.messages for s in self.data.eval[: g.samples]]
+        convs = [s.messages for s in self.data.eval if isinstance(s.messages, list)][: g.samples]  # not corpus text
         prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in convs]
         refs = [c[max(i for i, m in enumerate(c) if m["role"] == "assistant")]["content"] for c in convs]
         preds = generate_batch(self.accel.unwrap_model(self.model), self.tokenizer, prompts, g.max_new_tokens)
