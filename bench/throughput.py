@@ -82,24 +82,42 @@ def run_trl(model_dir, data, out, steps, batch, **overrides) -> dict:
     return {"tokens": counted["tokens"], "seconds": time.perf_counter() - counted["start"]}
 
 
+SETUPS = {
+    "trl_defaults": lambda m, d, o, a: run_trl(m, d, o, a.steps, a.batch),
+    "trl_packing_bfd": lambda m, d, o, a: run_trl(m, d, o, a.steps, a.batch, packing=True, packing_strategy="bfd"),
+    "trl_packing_wrapped": lambda m, d, o, a: run_trl(m, d, o, a.steps, a.batch, packing=True, packing_strategy="wrapped"),
+    "tuneforge_padded": lambda m, d, o, a: run_tuneforge(m, d, o, a.steps, a.batch, packing=False),
+    "tuneforge_packed": lambda m, d, o, a: run_tuneforge(m, d, o, a.steps, a.batch, packing=True),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--json", type=Path, help="also write results here")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one setup in this process
+    ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.only:  # each setup runs in its own process: accelerate's global state differs between them
+        result = SETUPS[args.only](args.workdir / "model", args.workdir / "chat.jsonl", args.workdir / args.only, args)
+        print("RESULT " + json.dumps(result))
+        return
+    import subprocess
+
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = tiny.build_model(tmp / "model", "llama", hidden=128, layers=2)
-        data = tiny.write_jsonl(tmp / "chat.jsonl", chat_rows(args.rows))
-        results = {
-            "trl_defaults": run_trl(model_dir, data, tmp, args.steps, args.batch),
-            "trl_packing_bfd": run_trl(model_dir, data, tmp, args.steps, args.batch, packing=True, packing_strategy="bfd"),
-            "trl_packing_wrapped": run_trl(model_dir, data, tmp, args.steps, args.batch, packing=True, packing_strategy="wrapped"),
-            "tuneforge_padded": run_tuneforge(model_dir, data, tmp, args.steps, args.batch, packing=False),
-            "tuneforge_packed": run_tuneforge(model_dir, data, tmp, args.steps, args.batch, packing=True),
-        }
+        tiny.build_model(tmp / "model", "llama", hidden=128, layers=2)
+        tiny.write_jsonl(tmp / "chat.jsonl", chat_rows(args.rows))
+        for name in SETUPS:
+            cmd = [sys.executable, __file__, "--only", name, "--workdir", str(tmp), "--steps", str(args.steps), "--batch", str(args.batch)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+            results[name] = json.loads(line[0][7:])
     base = results["trl_defaults"]["tokens"] / results["trl_defaults"]["seconds"]
     print(f"{'setup':<22}{'tokens':>10}{'seconds':>10}{'tok/s':>10}{'vs TRL defaults':>18}")
     for name, r in results.items():

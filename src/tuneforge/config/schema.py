@@ -31,19 +31,56 @@ class ModelConfig(Section):
     pad_token: Optional[str] = Field(None, description="Pad token to use when the tokenizer has none (default: its EOS token).")
 
 
+DEFAULT_REFUSALS = [
+    "as an ai language model", "as a language model", "i'm sorry, but i cannot", "i cannot fulfill", "i am unable to",
+    "i'm unable to", "as an ai assistant", "i don't have personal opinions", "openai", "my knowledge cutoff",
+]
+
+
 class DatasetSpec(Section):
-    path: str = Field(description="A local file (.jsonl .json .csv .tsv .parquet .txt) or a directory of them.")
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "input_output", "text"] = Field(
+    path: Optional[str] = Field(None, description="A file (.jsonl .json .csv .tsv .parquet .txt .html .db .sql), a directory, a save_to_disk dir, or a hub dataset id.")
+    custom: Optional[str] = Field(None, description="A registered custom dataset name or 'module:attr' (instead of path).")
+    options: dict = Field(default_factory=dict, description="Keyword options passed to a custom dataset.")
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "input_output", "text", "oasst", "preference", "tool_calls"] = Field(
         "auto", description="Row format; auto detects from the row's keys (text = plain corpus, all tokens trained)."
     )
     columns: dict[str, str] = Field(default_factory=dict, description="Rename columns to the format's names, e.g. {question: prompt, answer: completion}.")
+    roles: dict[str, str] = Field(default_factory=dict, description="ShareGPT role map additions, e.g. {bot: assistant, person: user}.")
     text_unit: Literal["file", "line"] = Field("file", description="For .txt files: one document per file or per line.")
+    query: Optional[str] = Field(None, description="SQL query for .db/.sqlite/.sql sources; its column names are the row keys.")
+    split: str = Field("train", description="Split to read from a hub dataset or a DatasetDict directory.")
+    subset: Optional[str] = Field(None, description="Hub dataset configuration name.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight: rows are sampled weight x count times (0.5 = half, 2 = twice).")
+    samples: Optional[int] = Field(None, ge=1, description="Take exactly this many rows from this dataset (sampled with the data seed).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DatasetSpec":
+        if (self.path is None) == (self.custom is None):
+            raise ValueError("each dataset needs exactly one of 'path' or 'custom'")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.path or f"custom:{self.custom}"
+
+
+class CleanConfig(Section):
+    dedup: bool = Field(True, description="Drop exact duplicates (normalised text: case and whitespace folded).")
+    near_dedup: Optional[float] = Field(None, gt=0, le=1, description="Drop near-duplicates above this MinHash Jaccard similarity (e.g. 0.85).")
+    drop_refusals: bool = Field(False, description="Drop samples whose assistant text contains a refusal/boilerplate phrase.")
+    refusal_phrases: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS), description="Phrases (case-insensitive) for drop_refusals.")
+    min_tokens: Optional[int] = Field(None, ge=1, description="Drop samples shorter than this many tokens.")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Drop (instead of truncating) samples longer than this many tokens.")
+    languages: Optional[list[str]] = Field(None, description="Keep only samples detected as these ISO 639-1 languages, e.g. [en, de].")
+    clusters: Optional[int] = Field(None, ge=2, description="Cluster samples (TF-IDF + k-means) into this many groups for diversity.")
+    max_per_cluster: Optional[int] = Field(None, ge=1, description="With clusters: keep at most this many samples per cluster.")
 
 
 class DataConfig(Section):
-    train: list[DatasetSpec] = Field(description="Training files (all rows are used).", min_length=1)
+    train: list[DatasetSpec] = Field(description="Training datasets, mixed (see weight / samples).", min_length=1)
     eval: list[DatasetSpec] = Field(default_factory=list, description="Explicit eval files; if empty, `eval_split` of train is held out.")
     eval_split: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of train held out for eval when no eval files are given.")
+    eval_size: Optional[int] = Field(None, ge=1, description="Hold out exactly this many samples for eval (instead of eval_split).")
     max_eval_samples: Optional[int] = Field(None, ge=1, description="Cap on the number of eval samples.")
     max_length: int = Field(1024, ge=8, description="Maximum tokens per sample; longer samples are truncated (counted in the report).")
     train_on: Literal["assistant", "all", "last_assistant"] = Field(
@@ -51,6 +88,10 @@ class DataConfig(Section):
     )
     system_prompt: Optional[str] = Field(None, description="System prompt added to conversations that have none.")
     packing: bool = Field(True, description="Padding-free packing: concatenate samples per micro-batch with restarting position ids.")
+    group_texts: bool = Field(False, description="Corpus mode: concatenate all samples and cut into block_size blocks (pre-training style).")
+    block_size: int = Field(512, ge=8, description="Block length for group_texts.")
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization (worth it above ~50k rows).")
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Dedup, filters, language and diversity selection.")
     on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the run (error) or is counted and skipped.")
     cache_dir: str = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
     seed: int = Field(42, description="Seed for the train/eval split.")
@@ -119,10 +160,13 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> "Config":
         # Impossible combinations fail here, in the first second, never after loading weights.
-        if self.train.generate_eval.samples and not (self.data.eval or self.data.eval_split > 0):
-            raise ValueError("train.generate_eval.samples needs eval data: set data.eval or data.eval_split > 0")
-        if self.train.eval_every and not (self.data.eval or self.data.eval_split > 0):
-            raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_split > 0")
+        has_eval = bool(self.data.eval or self.data.eval_split > 0 or self.data.eval_size)
+        if self.train.generate_eval.samples and not has_eval:
+            raise ValueError("train.generate_eval.samples needs eval data: set data.eval, data.eval_split or data.eval_size")
+        if self.train.eval_every and not has_eval:
+            raise ValueError("train.eval_every needs eval data: set data.eval, data.eval_split or data.eval_size")
+        if self.data.clean.max_per_cluster and not self.data.clean.clusters:
+            raise ValueError("data.clean.max_per_cluster needs data.clean.clusters (the number of clusters)")
         return self
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Callable
 
 from tuneforge.data.sources import Row
@@ -19,6 +21,12 @@ IO_PAIRS = (("prompt", "completion"), ("input", "output"), ("prompt", "generatio
 
 
 def detect_format(data: dict[str, Any]) -> str:
+    if "chosen" in data and "rejected" in data:
+        return "preference"
+    if isinstance(data.get("prompt"), dict) and "replies" in data["prompt"]:
+        return "oasst"
+    if "conversations" in data and (data.get("tools") or _has_tool_turns(data["conversations"])):
+        return "tool_calls"
     if "messages" in data:
         return "messages"
     if "conversations" in data:
@@ -48,7 +56,8 @@ def from_messages(data: dict[str, Any]) -> Messages:
     return out
 
 
-def from_sharegpt(data: dict[str, Any]) -> Messages:
+def from_sharegpt(data: dict[str, Any], roles: dict[str, str] | None = None) -> Messages:
+    role_map = {**SHAREGPT_ROLES, **(roles or {})}
     turns = data.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise BadRow("field 'conversations' must be a non-empty list of {from, value}")
@@ -56,7 +65,7 @@ def from_sharegpt(data: dict[str, Any]) -> Messages:
     if isinstance(data.get("system"), str) and data["system"]:
         out.append({"role": "system", "content": data["system"]})
     for i, t in enumerate(turns):
-        role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower()) if isinstance(t, dict) else None
+        role = role_map.get(str(t.get("from", "")).lower()) if isinstance(t, dict) else None
         if role is None or not isinstance(t.get("value"), str):
             raise BadRow(f"conversations[{i}] needs 'from' (human/gpt/system) and a string 'value'")
         out.append({"role": role, "content": t["value"]})
@@ -92,23 +101,126 @@ def from_text(data: dict[str, Any]) -> str:
     return text
 
 
+def from_oasst(data: dict[str, Any]) -> Messages:
+    """An OpenAssistant message tree -> the conversation along the best-ranked reply at every level."""
+    node, out = data["prompt"], []
+    while node:
+        if node.get("deleted"):
+            break
+        out.append({"role": "user" if node.get("role") == "prompter" else "assistant", "content": str(node.get("text", ""))})
+        replies = [r for r in node.get("replies") or [] if not r.get("deleted")]
+        node = min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0)) if replies else None
+    while out and out[-1]["role"] != "assistant":  # a conversation ends on an answer
+        out.pop()
+    return out
+
+
+def _side(value: Any, where: str) -> Messages:
+    """One side of a preference pair: a string, a ShareGPT turn, a message, or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict) and "from" in value:
+        return from_sharegpt({"conversations": [value]})
+    if isinstance(value, dict) and "role" in value:
+        return [{"role": value["role"], "content": str(value["content"])}]
+    if isinstance(value, list):
+        return from_messages({"messages": value})
+    raise BadRow(f"field '{where}' must be a string, a message or a list of messages")
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_transcript(text: str) -> Messages:
+    """'\n\nHuman: ...\n\nAssistant: ...' (Anthropic hh-rlhf) -> messages."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3:
+        raise BadRow("transcript has no 'Human:'/'Assistant:' turns")
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def from_preference(data: dict[str, Any]) -> dict[str, Messages]:
+    """prompt + chosen/rejected, conversations + chosen/rejected, or two full hh-rlhf transcripts."""
+    if "prompt" in data:
+        prompt = [{"role": "user", "content": data["prompt"]}] if isinstance(data["prompt"], str) else from_messages({"messages": data["prompt"]})
+    elif "conversations" in data:
+        prompt = from_sharegpt(data)
+    elif isinstance(data["chosen"], str) and isinstance(data["rejected"], str):
+        chosen, rejected = _hh_transcript(data["chosen"]), _hh_transcript(data["rejected"])
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+    else:
+        raise BadRow("preference rows need prompt or conversations, plus chosen and rejected")
+    return {"prompt": prompt, "chosen": _side(data["chosen"], "chosen"), "rejected": _side(data["rejected"], "rejected")}
+
+
+def _has_tool_turns(turns: Any) -> bool:
+    return isinstance(turns, list) and any(isinstance(t, dict) and t.get("from") in ("function_call", "observation") for t in turns)
+
+
+def from_tool_calls(data: dict[str, Any]) -> dict[str, Any]:
+    """ShareGPT with function_call / observation turns and a `tools` list -> messages with tool_calls."""
+    tools = data.get("tools") or []
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else []
+        except json.JSONDecodeError:
+            raise BadRow("field 'tools' is not valid JSON") from None
+    tools = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools]
+    out: Messages = []
+    for i, t in enumerate(data.get("conversations") or []):
+        kind, value = t.get("from"), t.get("value")
+        if kind == "function_call":
+            try:
+                call = json.loads(value)
+            except (json.JSONDecodeError, TypeError):
+                raise BadRow(f"conversations[{i}]: function_call value is not JSON") from None
+            out.append({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": call.get("name"), "arguments": call.get("arguments", {})}}]})
+        elif kind == "observation":
+            out.append({"role": "tool", "content": str(value)})
+        else:
+            out += from_sharegpt({"conversations": [t]})
+    return {"messages": out, "tools": tools}
+
+
 CONVERTERS: dict[str, Callable[[dict[str, Any]], Messages]] = {
     "messages": from_messages,
     "sharegpt": from_sharegpt,
     "alpaca": from_alpaca,
     "input_output": from_input_output,
+    "oasst": from_oasst,
 }
 
 
-def to_conversation(row: Row, fmt: str, system_prompt: str | None, columns: dict[str, str] | None = None) -> Messages | str:
-    """Convert one row to messages (or a plain string for `text` rows); raises BadRow with a reason."""
+def to_conversation(row: Row, fmt: str, system_prompt: str | None, columns: dict[str, str] | None = None,
+                    roles: dict[str, str] | None = None) -> Messages | str | dict:
+    """One row -> messages; a plain string (`text`); {"messages", "tools"} (`tool_calls`); or
+    {"prompt", "chosen", "rejected"} (`preference`). Raises BadRow with a reason."""
     data = {columns.get(k, k): v for k, v in row.data.items()} if columns else row.data
     name = detect_format(data) if fmt == "auto" else fmt
     if name == "text":
         return from_text(data)
-    msgs = CONVERTERS[name](data)
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+    if name == "preference":
+        pair = from_preference(data)
+        pair["prompt"] = _with_system(pair["prompt"], system_prompt)
+        return pair
+    if name == "tool_calls":
+        conv = from_tool_calls(data)
+        _require_answer(conv["messages"], tool_ok=True)
+        return {**conv, "messages": _with_system(conv["messages"], system_prompt)}
+    msgs = from_sharegpt(data, roles) if name == "sharegpt" else CONVERTERS[name](data)
+    _require_answer(msgs)
+    return _with_system(msgs, system_prompt)
+
+
+def _require_answer(msgs: Messages, tool_ok: bool = False) -> None:
+    if not any(m["role"] == "assistant" and (m["content"].strip() or (tool_ok and m.get("tool_calls"))) for m in msgs):
         raise BadRow("no assistant turn with content: nothing to train on")
-    if system_prompt and msgs[0]["role"] != "system":
-        msgs = [{"role": "system", "content": system_prompt}] + msgs
+
+
+def _with_system(msgs: Messages, system_prompt: str | None) -> Messages:
+    if system_prompt and (not msgs or msgs[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}] + msgs
     return msgs

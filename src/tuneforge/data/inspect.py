@@ -15,10 +15,10 @@ def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
     data = prepare(cfg.data, tok)
     samples = (data.train if split == "train" else data.eval)[:limit]
     if as_json:
-        from tuneforge.data.render import render
+        from tuneforge.data.render import render_with_spans
 
         # The exact string that was tokenized (re-rendered: decode() is not always the inverse of encode()).
-        texts = [s.messages if isinstance(s.messages, str) else render(tok, s.messages) for s in samples]
+        texts = [s.messages if isinstance(s.messages, str) else render_with_spans(tok, s.messages, cfg.data.train_on)[0] for s in samples]
         rows = [{"text": t, "input_ids": s.input_ids, "labels": s.labels} for t, s in zip(texts, samples)]
         print(json.dumps(rows, ensure_ascii=False))
         return

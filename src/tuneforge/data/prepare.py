@@ -1,33 +1,48 @@
-"""prepare(config) -> tokenized train/eval splits, cached in Arrow by a hash of everything that affects them."""
+"""prepare(config) -> tokenized train/eval splits (and preference pairs), cached in Arrow by a hash of
+everything that affects them.
+
+Pipeline: read rows -> convert to conversations -> mix datasets -> clean -> split -> encode (one
+render per conversation) -> token-length filters -> corpus blocks (optional) -> cache + report.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneforge.config.schema import DataConfig, DatasetSpec
-from tuneforge.data.formats import BadRow, Messages, to_conversation
-from tuneforge.data.render import IGNORE, encode, encode_text
-from tuneforge.data.sources import read_rows
+from tuneforge.data.clean import clean
+from tuneforge.data.formats import BadRow, to_conversation
+from tuneforge.data.render import IGNORE, Encoded, encode_many
+from tuneforge.data.sources import read_spec
 from tuneforge.errors import UserError
 
-CACHE_VERSION = "1"  # bump when the encoding logic changes, so old caches are never served
+CACHE_VERSION = "2"  # bump when the encoding logic changes, so old caches are never served
 
 
 @dataclass
 class Sample:
     input_ids: list[int]
     labels: list[int]
-    messages: Messages | str  # a conversation, or plain corpus text
+    messages: Any  # a conversation (list), corpus text (str) or {"messages", "tools"}
 
     @property
     def n_targets(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class Pair:
+    """A preference pair, stored for a preference-training recipe: chosen/rejected share the prompt."""
+    prompt: list
+    chosen: Encoded
+    rejected: Encoded
 
 
 @dataclass
@@ -37,6 +52,7 @@ class Prepared:
     fingerprint: str
     report: dict[str, Any] = field(default_factory=dict)
     cache_hit: bool = False
+    pairs: list[Pair] = field(default_factory=list)
 
 
 def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
@@ -44,20 +60,27 @@ def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
     cache_dir = cache_path(data_cfg, fingerprint)
     if (cache_dir / "report.json").is_file():
         return _load_cache(cache_dir, fingerprint)
-    report: dict[str, Any] = {"rows_read": 0, "dropped": Counter(), "bad_row_examples": [], "truncated": 0}
-    train_convs = _read_specs(data_cfg.train, data_cfg, report)
-    eval_convs = _read_specs(data_cfg.eval, data_cfg, report) if data_cfg.eval else []
-    if not data_cfg.eval and data_cfg.eval_split > 0:
-        train_convs, eval_convs = _split(train_convs, data_cfg.eval_split, data_cfg.seed)
+    report: dict[str, Any] = {"rows_read": 0, "dropped": Counter(), "bad_row_examples": [], "truncated": 0, "datasets": []}
+    items = _read_all(data_cfg.train, data_cfg, report)
+    eval_items = _read_all(data_cfg.eval, data_cfg, report) if data_cfg.eval else []
+    items = clean(items, data_cfg.clean, data_cfg.seed, report["dropped"])
+    pair_items = [it for it in items if isinstance(it, dict) and "chosen" in it]
+    items = [it for it in items if not (isinstance(it, dict) and "chosen" in it)]
+    if not data_cfg.eval:
+        items, eval_items = _split(items, data_cfg, data_cfg.seed)
     if data_cfg.max_eval_samples:
-        eval_convs = eval_convs[: data_cfg.max_eval_samples]
-    train = _encode_all(train_convs, tokenizer, data_cfg, report)
-    evals = _encode_all(eval_convs, tokenizer, data_cfg, report)
-    if not train:
-        raise UserError(f"no training samples left in {', '.join(s.path for s in data_cfg.train)} (dropped: {dict(report['dropped']) or 'file is empty'})")
-    report = _finish_report(report, train, evals, fingerprint)
-    _save_cache(cache_dir, train, evals, report)
-    return Prepared(train, evals, fingerprint, report)
+        eval_items = eval_items[: data_cfg.max_eval_samples]
+    train = _encode_all(items, tokenizer, data_cfg, report)
+    evals = _encode_all(eval_items, tokenizer, data_cfg, report)
+    pairs = _encode_pairs(pair_items, tokenizer, data_cfg, report)
+    if data_cfg.group_texts:
+        train, evals = _blocks(train, data_cfg.block_size, report), _blocks(evals, data_cfg.block_size, report)
+    if not train and not pairs:
+        names = ", ".join(s.name for s in data_cfg.train)
+        raise UserError(f"no training samples left in {names} (dropped: {dict(report['dropped']) or 'the input is empty'})")
+    report = _finish_report(report, train, evals, pairs, fingerprint)
+    _save_cache(cache_dir, train, evals, pairs, report)
+    return Prepared(train, evals, fingerprint, report, pairs=pairs)
 
 
 def cache_path(data_cfg: DataConfig, fingerprint: str) -> Path:
@@ -65,32 +88,59 @@ def cache_path(data_cfg: DataConfig, fingerprint: str) -> Path:
 
 
 def data_fingerprint(data_cfg: DataConfig, tokenizer) -> str:
-    """Hash of input file contents, tokenizer (vocab, merges, specials), template text, every data option."""
+    """Hash of input contents, tokenizer (vocab, merges, specials), template text, every data option."""
     h = hashlib.sha256(CACHE_VERSION.encode())
     for spec in data_cfg.train + data_cfg.eval:
-        p = Path(spec.path)
-        if not p.exists():
-            raise UserError(f"data file not found: {spec.path} (check data.train / data.eval paths)")
-        for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
-            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+        h.update(_source_digest(spec))
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update((tokenizer.chat_template or "").encode())
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
-    options = data_cfg.model_dump(exclude={"cache_dir", "packing"})
+    options = data_cfg.model_dump(exclude={"cache_dir", "packing", "num_proc"})
     h.update(json.dumps(options, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
-def _read_specs(specs: list[DatasetSpec], data_cfg: DataConfig, report: dict) -> list[Messages]:
-    convs = []
-    for spec in specs:
-        for row in read_rows(spec.path, spec.text_unit):
+def _source_digest(spec: DatasetSpec) -> bytes:
+    if spec.custom:
+        # Custom code can change without a file changing: hash its rows (they are read anyway).
+        from tuneforge.data.registry import custom_rows
+
+        return hashlib.sha256(json.dumps([r.data for r in custom_rows(spec.custom, spec.options)], sort_keys=True, default=str).encode()).digest()
+    p = Path(spec.path)
+    if not p.exists():
+        if "/" in spec.path and not spec.path.startswith((".", "/", "~")):
+            return f"hub:{spec.path}:{spec.subset}:{spec.split}".encode()  # hub datasets are versioned by `datasets`
+        raise UserError(f"data file not found: {spec.path} (check data.train / data.eval paths)")
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+        h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    return h.digest()
+
+
+def _read_all(specs: list[DatasetSpec], data_cfg: DataConfig, report: dict) -> list:
+    items = []
+    for index, spec in enumerate(specs):
+        got = []
+        for row in read_spec(spec):
             report["rows_read"] += 1
             try:
-                convs.append(to_conversation(row, spec.format, data_cfg.system_prompt, spec.columns))
+                got.append(to_conversation(row, spec.format, data_cfg.system_prompt, spec.columns, spec.roles))
             except BadRow as exc:
                 _bad_row(f"{row.where}: {exc}", str(exc), data_cfg, report)
-    return convs
+        used = _mix(got, spec, data_cfg.seed + index)
+        report["datasets"].append({"name": spec.name, "converted": len(got), "used": len(used)})
+        items += used
+    return items
+
+
+def _mix(items: list, spec: DatasetSpec, seed: int) -> list:
+    """Resample one dataset to `samples` rows, or weight x its size; deterministic for a seed."""
+    target = spec.samples if spec.samples else round(len(items) * spec.weight)
+    if target == len(items) or not items:
+        return items
+    rng = random.Random(seed)
+    whole, rest = divmod(target, len(items))
+    return items * whole + rng.sample(items, rest)
 
 
 def _bad_row(where: str, reason: str, data_cfg: DataConfig, report: dict) -> None:
@@ -101,70 +151,136 @@ def _bad_row(where: str, reason: str, data_cfg: DataConfig, report: dict) -> Non
         report["bad_row_examples"].append(where)
 
 
-def _split(convs: list[Messages], ratio: float, seed: int) -> tuple[list[Messages], list[Messages]]:
-    order = list(range(len(convs)))
+def _split(items: list, data_cfg: DataConfig, seed: int) -> tuple[list, list]:
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(convs) * ratio)) if len(convs) > 1 else 0
+    if data_cfg.eval_size:
+        n_eval = min(data_cfg.eval_size, len(items) - 1)
+    elif data_cfg.eval_split > 0 and len(items) > 1:
+        n_eval = max(1, round(len(items) * data_cfg.eval_split))
+    else:
+        n_eval = 0
     held = set(order[:n_eval])
-    return [c for i, c in enumerate(convs) if i not in held], [convs[i] for i in order[:n_eval]]
+    return [c for i, c in enumerate(items) if i not in held], [items[i] for i in order[:n_eval]]
 
 
-def _encode_all(convs: list[Messages], tokenizer, data_cfg: DataConfig, report: dict) -> list[Sample]:
+def _encode_all(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> list[Sample]:
     out = []
-    for i, msgs in enumerate(convs):
-        try:
-            if isinstance(msgs, str):
-                enc = encode_text(tokenizer, msgs, data_cfg.max_length)
-            else:
-                _, enc = encode(tokenizer, msgs, data_cfg.train_on, data_cfg.max_length)
-        except BadRow as exc:
-            _bad_row(f"conversation {i}: {exc}", str(exc), data_cfg, report)
+    for item, enc in zip(items, _encode_parallel(items, tokenizer, data_cfg)):
+        if isinstance(enc, BadRow):
+            _bad_row(f"conversation: {enc}", str(enc), data_cfg, report)
+            continue
+        sample = Sample(enc.input_ids, enc.labels, item)
+        reason = _length_problem(enc, sample, data_cfg)
+        if reason:
+            report["dropped"][reason] += 1
             continue
         report["truncated"] += enc.truncated
-        sample = Sample(enc.input_ids, enc.labels, msgs)
-        if sample.n_targets == 0:
-            report["dropped"]["no trained tokens within max_length"] += 1
-            continue
         out.append(sample)
     return out
 
 
-def _finish_report(report: dict, train: list[Sample], evals: list[Sample], fingerprint: str) -> dict:
-    lengths = [len(s.input_ids) for s in train]
+def _length_problem(enc: Encoded, sample: Sample, data_cfg: DataConfig) -> str | None:
+    c = data_cfg.clean
+    if c.max_tokens and enc.full_length > c.max_tokens:
+        return f"longer than clean.max_tokens ({c.max_tokens})"
+    if c.min_tokens and enc.full_length < c.min_tokens:
+        return f"shorter than clean.min_tokens ({c.min_tokens})"
+    if sample.n_targets == 0:
+        return "no trained tokens within max_length"
+    return None
+
+
+def _encode_parallel(items: list, tokenizer, data_cfg: DataConfig) -> list:
+    args = (data_cfg.train_on, data_cfg.max_length)
+    if data_cfg.num_proc <= 1 or len(items) < 2000:
+        return encode_many(tokenizer, items, *args)
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunk = -(-len(items) // (data_cfg.num_proc * 4))
+    parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    with ProcessPoolExecutor(data_cfg.num_proc) as pool:
+        results = pool.map(encode_many, [tokenizer] * len(parts), parts, *[[a] * len(parts) for a in args])
+        return [enc for part in results for enc in part]
+
+
+def _encode_pairs(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> list[Pair]:
+    pairs = []
+    for it in items:
+        chosen, rejected = encode_many(tokenizer, [it["prompt"] + it["chosen"], it["prompt"] + it["rejected"]], "last_assistant", data_cfg.max_length)
+        if isinstance(chosen, BadRow) or isinstance(rejected, BadRow):
+            bad = chosen if isinstance(chosen, BadRow) else rejected
+            _bad_row(f"preference pair: {bad}", str(bad), data_cfg, report)
+            continue
+        pairs.append(Pair(it["prompt"], chosen, rejected))
+    return pairs
+
+
+def _blocks(samples: list[Sample], block: int, report: dict) -> list[Sample]:
+    """Corpus mode: concatenate every sample and cut into `block`-token blocks (the tail is dropped)."""
+    ids = [t for s in samples for t in s.input_ids]
+    labels = [t for s in samples for t in s.labels]
+    n = len(ids) // block
+    report["group_texts_tokens_dropped"] = report.get("group_texts_tokens_dropped", 0) + len(ids) - n * block
+    return [Sample(ids[i * block : (i + 1) * block], labels[i * block : (i + 1) * block], f"block {i}") for i in range(n)]
+
+
+def _finish_report(report: dict, train: list[Sample], evals: list[Sample], pairs: list[Pair], fingerprint: str) -> dict:
+    lengths = [len(s.input_ids) for s in train] or [0]
     return {
         "fingerprint": fingerprint,
         "rows_read": report["rows_read"],
+        "datasets": report["datasets"],
         "dropped": dict(report["dropped"]),
         "bad_row_examples": report["bad_row_examples"],
         "truncated": report["truncated"],
         "train_samples": len(train),
         "eval_samples": len(evals),
+        "preference_pairs": len(pairs),
         "train_tokens": sum(lengths),
         "train_target_tokens": sum(s.n_targets for s in train),
         "max_sample_tokens": max(lengths),
-        "mean_sample_tokens": round(sum(lengths) / len(lengths), 1),
+        "mean_sample_tokens": round(sum(lengths) / max(1, len(train)), 1),
+        "padding_efficiency_batch8": padding_efficiency(lengths, 8),
+        **({"group_texts_tokens_dropped": report["group_texts_tokens_dropped"]} if "group_texts_tokens_dropped" in report else {}),
     }
 
 
-def _save_cache(cache_dir: Path, train: list[Sample], evals: list[Sample], report: dict) -> None:
+def padding_efficiency(lengths: list[int], batch: int, seed: int = 0) -> float:
+    """Real tokens / (batch x longest) over random batches: the compute padded batches waste.
+    Padding-free packing (data.packing) computes on real tokens only (efficiency 1.0)."""
+    order = lengths[:]
+    random.Random(seed).shuffle(order)
+    real = padded = 0
+    for i in range(0, len(order), batch):
+        chunk = order[i : i + batch]
+        real += sum(chunk)
+        padded += len(chunk) * max(chunk)
+    return round(real / padded, 4) if padded else 1.0
+
+
+def _save_cache(cache_dir: Path, train: list[Sample], evals: list[Sample], pairs: list[Pair], report: dict) -> None:
     import pyarrow as pa
     import pyarrow.feather as feather
 
+    ints = pa.list_(pa.int32())
     tmp = cache_dir.with_name(cache_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for name, samples in (("train", train), ("eval", evals)):
-        table = pa.table({
-            "input_ids": pa.array([s.input_ids for s in samples], pa.list_(pa.int32())),
-            "labels": pa.array([s.labels for s in samples], pa.list_(pa.int32())),
+        feather.write_feather(pa.table({
+            "input_ids": pa.array([s.input_ids for s in samples], ints),
+            "labels": pa.array([s.labels for s in samples], ints),
             "messages": pa.array([json.dumps(s.messages) for s in samples], pa.string()),
-        })
-        feather.write_feather(table, tmp / f"{name}.arrow")
+        }), tmp / f"{name}.arrow")
+    feather.write_feather(pa.table({
+        "prompt": pa.array([json.dumps(p.prompt) for p in pairs], pa.string()),
+        **{f"{side}_{col}": pa.array([getattr(getattr(p, side), col) for p in pairs], ints)
+           for side in ("chosen", "rejected") for col in ("input_ids", "labels")},
+    }), tmp / "pairs.arrow")
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
     # Rename last: a crash mid-write never leaves a half cache that a later run would trust.
-    if cache_dir.exists():
-        import shutil
-
-        shutil.rmtree(cache_dir)
+    shutil.rmtree(cache_dir, ignore_errors=True)
     tmp.rename(cache_dir)
 
 
@@ -175,5 +291,8 @@ def _load_cache(cache_dir: Path, fingerprint: str) -> Prepared:
     for name in ("train", "eval"):
         t = feather.read_table(cache_dir / f"{name}.arrow").to_pydict()
         splits[name] = [Sample(i, lab, json.loads(m)) for i, lab, m in zip(t["input_ids"], t["labels"], t["messages"])]
+    p = feather.read_table(cache_dir / "pairs.arrow").to_pydict()
+    pairs = [Pair(json.loads(pr), Encoded(ci, cl, False), Encoded(ri, rl, False))
+             for pr, ci, cl, ri, rl in zip(p["prompt"], p["chosen_input_ids"], p["chosen_labels"], p["rejected_input_ids"], p["rejected_labels"])]
     report = json.loads((cache_dir / "report.json").read_text())
-    return Prepared(splits["train"], splits["eval"], fingerprint, report, cache_hit=True)
+    return Prepared(splits["train"], splits["eval"], fingerprint, report, cache_hit=True, pairs=pairs)

@@ -20,24 +20,51 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
     truncated: bool
+    full_length: int = 0  # tokens before truncation
 
 
-def render(tokenizer, messages: Messages) -> str:
+def render(tokenizer, messages: Messages, tools: list | None = None) -> str:
+    if (tools or any(m.get("tool_calls") for m in messages)) and "tool" not in (tokenizer.chat_template or ""):
+        raise BadRow("the chat template does not support tool calls: use a model/template with tool support (e.g. Qwen2.5, Llama 3.1+)")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False)
     except Exception as exc:  # jinja raise_exception() from templates, e.g. role alternation rules
         raise BadRow(f"the chat template rejected this conversation: {exc}") from None
 
 
-def trained_spans(text: str, messages: Messages, train_on: str, end_tokens: tuple[str, ...]) -> list[tuple[int, int]]:
+_HEADERS: dict[tuple[int, str], str] = {}
+
+
+def assistant_header(tokenizer) -> str:
+    """The text a template puts before an assistant reply (the generation prompt), found by probing."""
+    key = (id(tokenizer), tokenizer.chat_template or "")
+    if key not in _HEADERS:
+        probe = [{"role": "user", "content": "probe"}]
+        with_prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        without = tokenizer.apply_chat_template(probe, tokenize=False)
+        _HEADERS[key] = with_prompt[len(without):] if with_prompt.startswith(without) else ""
+    return _HEADERS[key]
+
+
+def trained_spans(text: str, messages: Messages, train_on: str, end_tokens: tuple[str, ...], header: str = "") -> list[tuple[int, int]]:
     """Character spans [start, end) of `text` that carry loss."""
     if train_on == "all":
         return [(0, len(text))]
     spans, cursor = [], 0
     for i, m in enumerate(messages):
-        content = m["content"].strip()
+        content = (m.get("content") or "").strip()
+        if m["role"] == "assistant" and not content and m.get("tool_calls"):
+            # A tool call is rendered by the template (not verbatim): train from the assistant header to its end token.
+            at = text.find(header, cursor) if header else -1
+            start = at + len(header) if at >= 0 else cursor
+            end = _extend_to_end_token(text, start, messages, i, end_tokens)
+            spans.append((start, end))
+            cursor = end
+            continue
         start = text.find(content, cursor) if content else cursor
         if start < 0:
+            if m["role"] != "assistant":
+                continue  # e.g. tool results that a template re-encodes as JSON: no loss there anyway
             raise BadRow(f"message {i} ({m['role']}) is not reproduced verbatim by the chat template")
         end = start + len(content)
         cursor = end
@@ -53,7 +80,7 @@ def trained_spans(text: str, messages: Messages, train_on: str, end_tokens: tupl
 
 def _extend_to_end_token(text: str, end: int, messages: Messages, i: int, end_tokens: tuple[str, ...]) -> int:
     """Include the first end-of-turn token that follows the reply, if it comes before the next message."""
-    following = messages[i + 1]["content"].strip() if i + 1 < len(messages) else ""
+    following = (messages[i + 1].get("content") or "").strip() if i + 1 < len(messages) else ""
     nxt = text.find(following, end) if following else -1
     limit = nxt if nxt >= 0 else len(text)
     best = None
@@ -64,28 +91,71 @@ def _extend_to_end_token(text: str, end: int, messages: Messages, i: int, end_to
     return best[1] if best else end
 
 
-def encode(tokenizer, messages: Messages, train_on: str, max_length: int) -> tuple[str, Encoded]:
-    text = render(tokenizer, messages)
+def render_with_spans(tokenizer, item, train_on: str) -> tuple[str, list[tuple[int, int]]]:
+    """A conversation (list) or {"messages", "tools"} -> (rendered text, trained character spans)."""
+    messages, tools = (item["messages"], item.get("tools")) if isinstance(item, dict) else (item, None)
+    text = render(tokenizer, messages, tools)
     end_tokens = tuple(t for t in END_OF_TURN_TOKENS + (tokenizer.eos_token or "",) if t and t in text)
-    spans = trained_spans(text, messages, train_on, end_tokens)
+    header = assistant_header(tokenizer) if any(m.get("tool_calls") for m in messages) else ""
+    return text, trained_spans(text, messages, train_on, end_tokens, header)
+
+
+def encode_many(tokenizer, items: list, train_on: str, max_length: int) -> list:
+    """Encode many items with one batched (Rust-parallel) tokenizer call. Returns Encoded or BadRow per item.
+    A str item is corpus text: BOS + text + EOS, every token trained."""
+    rendered: list = []
+    for item in items:
+        try:
+            rendered.append((item, None) if isinstance(item, str) else render_with_spans(tokenizer, item, train_on))
+        except BadRow as exc:
+            rendered.append(exc)
+    return _tokenize_rendered(tokenizer, rendered, max_length)
+
+
+def _tokenize_rendered(tokenizer, rendered: list, max_length: int) -> list:
+    ok = [r for r in rendered if not isinstance(r, BadRow)]
     # The template already wrote BOS/special tokens: add none (same as apply_chat_template(tokenize=True)).
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [tok if _overlaps(off, spans) else IGNORE for tok, off in zip(ids, offsets)]
-    truncated = len(ids) > max_length
-    return text, Encoded(ids[:max_length], labels[:max_length], truncated)
+    batch = tokenizer([r[0] for r in ok], add_special_tokens=False, return_offsets_mapping=True) if ok else {"input_ids": []}
+    out, k = [], 0
+    for r in rendered:
+        if isinstance(r, BadRow):
+            out.append(r)
+            continue
+        ids, offsets = batch["input_ids"][k], batch["offset_mapping"][k]
+        k += 1
+        if r[1] is None:
+            ids = _with_bos_eos(tokenizer, ids)
+            labels = list(ids)
+        else:
+            labels = label_tokens(ids, offsets, r[1])
+        out.append(Encoded(ids[:max_length], labels[:max_length], len(ids) > max_length, len(ids)))
+    return out
 
 
-def _overlaps(off: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
-    a, b = off
-    if a == b:  # zero-width (some special tokens): count by position
-        return any(s <= a < e for s, e in spans)
-    return any(a < e and b > s for s, e in spans)
+def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Token i keeps its id as label when its characters overlap a trained span (one pass, spans sorted)."""
+    labels, j = [], 0
+    for tok, (a, b) in zip(ids, offsets):
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        inside = j < len(spans) and (a < spans[j][1] and b > spans[j][0] if a != b else spans[j][0] <= a < spans[j][1])
+        labels.append(tok if inside else IGNORE)
+    return labels
+
+
+def _with_bos_eos(tokenizer, ids: list[int]) -> list[int]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return bos + list(ids) + eos
+
+
+def encode(tokenizer, messages, train_on: str, max_length: int, tools: list | None = None) -> tuple[str, Encoded]:
+    """One conversation -> (rendered text, Encoded); raises BadRow."""
+    item = {"messages": messages, "tools": tools} if tools else messages
+    rendered = render_with_spans(tokenizer, item, train_on)
+    return rendered[0], _tokenize_rendered(tokenizer, [rendered], max_length)[0]
 
 
 def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
     """Plain corpus text: BOS (if the tokenizer has one) + text + EOS, every token trained."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-    ids = ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    return Encoded(ids[:max_length], ids[:max_length], len(ids) > max_length)
+    return encode_many(tokenizer, [text], "all", max_length)[0]

@@ -21,10 +21,22 @@ class Row:
         return f"{self.file} row {self.number}"
 
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".html", ".htm", ".db", ".sqlite", ".sqlite3", ".sql")
 
 
-def read_rows(path: str, text_unit: str = "file") -> Iterator[Row]:
+def read_spec(spec) -> Iterator[Row]:
+    """All rows of one `data.train`/`data.eval` entry: a custom dataset, a file/dir, or an HF dataset."""
+    if spec.custom:
+        from tuneforge.data.registry import custom_rows
+
+        yield from custom_rows(spec.custom, spec.options)
+    elif Path(spec.path).exists() and not _is_hf_disk_dataset(Path(spec.path)):
+        yield from read_rows(spec.path, spec.text_unit, spec.query)
+    else:
+        yield from read_hf(spec.path, spec.subset, spec.split)
+
+
+def read_rows(path: str, text_unit: str = "file", query: str | None = None) -> Iterator[Row]:
     """Rows of a file, or of every supported file in a directory (sorted, so the order is stable)."""
     p = Path(path)
     if p.is_dir():
@@ -32,13 +44,17 @@ def read_rows(path: str, text_unit: str = "file") -> Iterator[Row]:
         if not files:
             raise UserError(f"{path}: directory holds no {'/'.join(SUFFIXES)} files")
         for f in files:
-            yield from read_rows(str(f), text_unit)
+            yield from read_rows(str(f), text_unit, query)
         return
     if not p.is_file():
         raise UserError(f"data file not found: {path} (check data.train / data.eval paths)")
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
     if p.suffix == ".txt":
         yield from _read_txt(p, text_unit)
+    elif p.suffix in (".html", ".htm"):
+        yield from _read_html(p)
+    elif p.suffix in (".db", ".sqlite", ".sqlite3", ".sql"):
+        yield from _read_sql(p, query)
     elif p.suffix in readers:
         yield from readers[p.suffix](p)
     else:
@@ -106,3 +122,71 @@ def _read_json(p: Path) -> Iterator[Row]:
         if not isinstance(item, dict):
             raise UserError(f"{p} row {n}: expected a JSON object, got {type(item).__name__}")
         yield Row(item, str(p), n)
+
+
+def _read_html(p: Path) -> Iterator[Row]:
+    """Main text of a page, boilerplate (menus, footers, cookie banners) removed by trafilatura."""
+    trafilatura = _optional("trafilatura")
+    html = p.read_text(encoding="utf-8", errors="replace")
+    text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_precision=True)
+    meta = trafilatura.extract_metadata(html)
+    yield Row({"text": text or "", "title": (meta.title if meta else None) or ""}, str(p), 1)
+
+
+def _read_sql(p: Path, query: str | None) -> Iterator[Row]:
+    """SQLite database file, or a .sql dump loaded into an in-memory SQLite; rows of `query`."""
+    import sqlite3
+
+    if not query:
+        raise UserError(f"{p}: SQL sources need a query, e.g. query: \"SELECT question AS prompt, answer AS completion FROM faq\"")
+    if p.suffix == ".sql":
+        con = sqlite3.connect(":memory:")
+        try:
+            con.executescript(p.read_text(encoding="utf-8"))
+        except sqlite3.Error as exc:
+            raise UserError(f"{p}: the SQL dump does not load into SQLite ({exc})") from None
+    else:
+        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)  # read-only: never touch the user's database
+    con.row_factory = sqlite3.Row
+    try:
+        cursor = con.execute(query)
+    except sqlite3.Error as exc:
+        raise UserError(f"{p}: query failed ({exc}): check table and column names") from None
+    for n, rec in enumerate(cursor, start=1):
+        yield Row(dict(rec), str(p), n)
+    con.close()
+
+
+def _is_hf_disk_dataset(p: Path) -> bool:
+    return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file())
+
+
+def read_hf(path: str, subset: str | None, split: str) -> Iterator[Row]:
+    """A `save_to_disk` directory, or a hub dataset id (downloaded by `datasets`; needs network)."""
+    import datasets
+
+    p = Path(path)
+    try:
+        if _is_hf_disk_dataset(p):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"{path}: no split '{split}' (has {', '.join(ds)}); set split:")
+                ds = ds[split]
+        elif "/" in path and not path.startswith((".", "/", "~")):
+            ds = datasets.load_dataset(path, subset, split=split)
+        else:
+            raise UserError(f"data file not found: {path} (check data.train / data.eval paths)")
+    except (FileNotFoundError, ConnectionError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load the dataset ({str(exc).splitlines()[0]})") from None
+    for n, rec in enumerate(ds, start=1):
+        yield Row(dict(rec), path, n)
+
+
+def _optional(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"this source needs the '{name}' package: pip install 'tuneforge[data]'") from None

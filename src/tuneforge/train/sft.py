@@ -55,6 +55,9 @@ class SFTRecipe:
         self.tokenizer = load_tokenizer(self.source, cfg.model)
         with self.accel.main_process_first():  # preparation runs once; other ranks hit the cache
             self.data = prepare(cfg.data, self.tokenizer)
+        if not self.data.train:
+            raise UserError(f"the data holds {len(self.data.pairs)} preference pairs and no SFT samples: preference training "
+                            "(DPO) is not available yet; `tuneforge prepare` stores the pairs for it")
         self._plan_steps()
         model = load_model(self.source, cfg.model)
         if cfg.train.gradient_checkpointing:
