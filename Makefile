@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[dev]'
+	$(BIN)/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[dev,data]'
 	touch $(STAMP)
 
 $(DEMO_MODEL):

@@ -66,3 +66,8 @@ def test_resume_without_checkpoints_and_not_a_run_dir(tmp_path, llama_dir):
 
 def test_bad_override_syntax(tmp_path, llama_dir):
     assert_user_error(run_cli("config", "validate", cfg_for(tmp_path, llama_dir, tiny.reverse_rows(8)), "--set", "train.lr"), "KEY=VALUE")
+
+
+def test_training_on_preference_pairs_only_is_a_clear_error(tmp_path, llama_dir):
+    rows = [{"prompt": f"red {i}", "chosen": "blue", "rejected": "green"} for i in range(10)]
+    assert_user_error(run_cli("train", cfg_for(tmp_path, llama_dir, rows)), "10 preference pairs", "not available yet")

@@ -63,9 +63,14 @@ def prepare(config: Path, overrides: Optional[List[str]] = SetOpt):
     from tuneforge.data.prepare import prepare as run_prepare
     from tuneforge.model.load import load_tokenizer, resolve_model_dir
 
-    tok = load_tokenizer(resolve_model_dir(cfg.model, console.print), cfg.model)
+    from tuneforge.rundir import write_json
+
+    tok = load_tokenizer(resolve_model_dir(cfg.model, console.print, need_weights=False), cfg.model)
     data = run_prepare(cfg.data, tok)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.run_dir / "data_report.json", data.report)
     _print_report(data)
+    Console().print(f"report: {cfg.run_dir / 'data_report.json'}  cache: {cfg.data.cache_dir}/{data.fingerprint}")
 
 
 def _print_report(data) -> None:
@@ -75,8 +80,14 @@ def _print_report(data) -> None:
     table.add_column("item")
     table.add_column("value", justify="right")
     for k, v in data.report.items():
-        if k not in ("fingerprint", "bad_row_examples"):
-            table.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+        if k == "dropped":
+            for reason, n in v.items():
+                table.add_row(f"dropped: {reason}", str(n))
+        elif k == "datasets":
+            for d in v:
+                table.add_row(f"dataset {d['name']}", f"{d['used']} used of {d['converted']}")
+        elif k not in ("fingerprint", "bad_row_examples"):
+            table.add_row(k, str(v))
     Console().print(table)
 
 

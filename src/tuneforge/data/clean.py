@@ -4,6 +4,7 @@ removed, by reason: nothing is dropped without a line in the report."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from collections import Counter
@@ -22,7 +23,8 @@ def item_text(item: Any) -> str:
         if "chosen" in item:
             return item_text(item["prompt"]) + "\n" + item_text(item["chosen"])
         return item_text(item["messages"])
-    return "\n".join(str(m.get("content") or "") for m in item)
+    # Tool calls count as text: two conversations that differ only in call arguments are not duplicates.
+    return "\n".join(str(m.get("content") or "") + (json.dumps(m["tool_calls"], sort_keys=True) if m.get("tool_calls") else "") for m in item)
 
 
 def answer_text(item: Any) -> str:

@@ -11,7 +11,7 @@ def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
     from tuneforge.data.prepare import prepare
     from tuneforge.model.load import load_tokenizer, resolve_model_dir
 
-    tok = load_tokenizer(resolve_model_dir(cfg.model), cfg.model)
+    tok = load_tokenizer(resolve_model_dir(cfg.model, need_weights=False), cfg.model)
     data = prepare(cfg.data, tok)
     samples = (data.train if split == "train" else data.eval)[:limit]
     if as_json:

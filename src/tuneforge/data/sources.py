@@ -40,7 +40,7 @@ def read_rows(path: str, text_unit: str = "file", query: str | None = None) -> I
     """Rows of a file, or of every supported file in a directory (sorted, so the order is stable)."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f) in SUFFIXES)
         if not files:
             raise UserError(f"{path}: directory holds no {'/'.join(SUFFIXES)} files")
         for f in files:
@@ -48,26 +48,42 @@ def read_rows(path: str, text_unit: str = "file", query: str | None = None) -> I
         return
     if not p.is_file():
         raise UserError(f"data file not found: {path} (check data.train / data.eval paths)")
+    suffix = _suffix(p)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
-    if p.suffix == ".txt":
+    if suffix == ".txt":
         yield from _read_txt(p, text_unit)
-    elif p.suffix in (".html", ".htm"):
+    elif suffix in (".html", ".htm"):
         yield from _read_html(p)
-    elif p.suffix in (".db", ".sqlite", ".sqlite3", ".sql"):
+    elif suffix in (".db", ".sqlite", ".sqlite3", ".sql"):
         yield from _read_sql(p, query)
-    elif p.suffix in readers:
-        yield from readers[p.suffix](p)
+    elif suffix in readers:
+        yield from readers[suffix](p)
     else:
-        raise UserError(f"{path}: unsupported file type '{p.suffix}' (use {', '.join(SUFFIXES)} or a directory)")
+        raise UserError(f"{path}: unsupported file type '{suffix}' (use {', '.join(SUFFIXES)}, optionally .gz, or a directory)")
+
+
+def _suffix(p: Path) -> str:
+    """The format suffix, looking through a trailing .gz (data.jsonl.gz -> .jsonl)."""
+    return Path(p.stem).suffix if p.suffix == ".gz" else p.suffix
+
+
+def _read_text(p: Path) -> str:
+    if p.suffix == ".gz":
+        import gzip
+
+        with gzip.open(p, "rt", encoding="utf-8") as fh:
+            return fh.read()
+    return p.read_text(encoding="utf-8")
 
 
 def _read_csv(p: Path) -> Iterator[Row]:
     import csv
 
-    with p.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t" if p.suffix == ".tsv" else ",")
-        for n, rec in enumerate(reader, start=2):  # row 1 is the header
-            yield Row(dict(rec), str(p), n)
+    import io
+
+    reader = csv.DictReader(io.StringIO(_read_text(p), newline=""), delimiter="\t" if _suffix(p) == ".tsv" else ",")
+    for n, rec in enumerate(reader, start=2):  # row 1 is the header
+        yield Row(dict(rec), str(p), n)
 
 
 def _read_parquet(p: Path) -> Iterator[Row]:
@@ -92,22 +108,21 @@ def _read_txt(p: Path, unit: str) -> Iterator[Row]:
 
 
 def _read_jsonl(p: Path) -> Iterator[Row]:
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{p} row {n}: invalid JSON ({exc.msg}): fix or remove the line") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{p} row {n}: expected a JSON object per line, got {type(obj).__name__}")
-            yield Row(obj, str(p), n)
+    for n, line in enumerate(_read_text(p).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{p} row {n}: invalid JSON ({exc.msg}): fix or remove the line") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{p} row {n}: expected a JSON object per line, got {type(obj).__name__}")
+        yield Row(obj, str(p), n)
 
 
 def _read_json(p: Path) -> Iterator[Row]:
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        obj = json.loads(_read_text(p))
     except json.JSONDecodeError as exc:
         raise UserError(f"{p}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
     if isinstance(obj, dict):  # dict of columns -> rows

@@ -18,8 +18,9 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.endswith(".gguf") or Path(path).exists()
 
 
-def resolve_model_dir(cfg: ModelConfig, log=print) -> str:
-    """Return something `from_pretrained` accepts: a local dir (GGUF converted once, cached) or a hub id."""
+def resolve_model_dir(cfg: ModelConfig, log=print, need_weights: bool = True) -> str:
+    """Return something `from_pretrained` accepts: a local dir (GGUF converted once, cached) or a hub id.
+    With need_weights=False (prepare, inspect) a directory holding only tokenizer files is enough."""
     path = os.path.expanduser(cfg.path)
     if not looks_local(path):
         return path  # hub id: downloaded by transformers (needs network; HF_TOKEN from env/.env)
@@ -28,6 +29,8 @@ def resolve_model_dir(cfg: ModelConfig, log=print) -> str:
         if not p.is_file():
             raise UserError(f"model.path: GGUF file not found: {path}")
         return str(gguf_to_hf_dir(p, log))
+    if not need_weights and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
+        return str(p)
     if not (p / "config.json").is_file():
         raise UserError(f"model.path: {path} is not a model directory (no config.json); give an HF model dir, a .gguf file or a hub id")
     return str(p)
