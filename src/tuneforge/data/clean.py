@@ -6,14 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections import Counter
 from typing import Any
 
 from tuneforge.config.schema import CleanConfig
-
-_WS = re.compile(r"\s+")
-
 
 def item_text(item: Any) -> str:
     """All text of an item (conversation, corpus text, tool conversation, preference pair)."""
@@ -36,7 +32,7 @@ def answer_text(item: Any) -> str:
 
 
 def normalise(text: str) -> str:
-    return _WS.sub(" ", text.lower()).strip()
+    return " ".join(text.lower().split())
 
 
 def clean(items: list, cfg: CleanConfig, seed: int, removed: Counter) -> list:

@@ -26,15 +26,44 @@ from tuneforge.errors import UserError
 CACHE_VERSION = "2"  # bump when the encoding logic changes, so old caches are never served
 
 
-@dataclass
 class Sample:
-    input_ids: list[int]
-    labels: list[int]
-    messages: Any  # a conversation (list), corpus text (str) or {"messages", "tools"}
+    """Token ids + labels of one training sample, and the item it came from (decoded on first use)."""
+
+    __slots__ = ("_ids", "_labels", "_messages", "_json", "_n_targets")
+
+    def __init__(self, input_ids, labels, messages: Any = None, messages_json: str | None = None):
+        # ids/labels may arrive as (buffer, start, end) into the Arrow cache; they become lists on first
+        # use, so a cache hit costs O(1) per sample instead of converting every token up front.
+        self._ids, self._labels = input_ids, labels
+        self._messages, self._json, self._n_targets = messages, messages_json, None
+
+    @property
+    def input_ids(self) -> list[int]:
+        if isinstance(self._ids, tuple):
+            self._ids = _slice(self._ids)
+        return self._ids
+
+    @property
+    def labels(self) -> list[int]:
+        if isinstance(self._labels, tuple):
+            self._labels = _slice(self._labels)
+        return self._labels
+
+    @property
+    def messages(self) -> Any:
+        """A conversation (list), corpus text (str) or {"messages", "tools"}."""
+        if self._messages is None and self._json is not None:
+            self._messages = json.loads(self._json)
+        return self._messages
+
+    def messages_json(self) -> str:
+        return self._json if self._json is not None else json.dumps(self._messages)
 
     @property
     def n_targets(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        if self._n_targets is None:
+            self._n_targets = len(self.labels) - self.labels.count(IGNORE)
+        return self._n_targets
 
 
 @dataclass
@@ -271,7 +300,7 @@ def _save_cache(cache_dir: Path, train: list[Sample], evals: list[Sample], pairs
         feather.write_feather(pa.table({
             "input_ids": pa.array([s.input_ids for s in samples], ints),
             "labels": pa.array([s.labels for s in samples], ints),
-            "messages": pa.array([json.dumps(s.messages) for s in samples], pa.string()),
+            "messages": pa.array([s.messages_json() for s in samples], pa.string()),
         }), tmp / f"{name}.arrow")
     feather.write_feather(pa.table({
         "prompt": pa.array([json.dumps(p.prompt) for p in pairs], pa.string()),
@@ -284,13 +313,27 @@ def _save_cache(cache_dir: Path, train: list[Sample], evals: list[Sample], pairs
     tmp.rename(cache_dir)
 
 
+def _lists(column) -> list:
+    """Arrow list<int32> column -> (shared numpy buffer, start, end) per row; Sample slices on use."""
+    arr = column.combine_chunks()
+    values, offsets = arr.values.to_numpy(), arr.offsets.to_numpy().tolist()
+    return [(values, a, b) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def _slice(ref: tuple) -> list[int]:
+    values, a, b = ref
+    return values[a:b].tolist()
+
+
 def _load_cache(cache_dir: Path, fingerprint: str) -> Prepared:
     import pyarrow.feather as feather
 
     splits = {}
     for name in ("train", "eval"):
-        t = feather.read_table(cache_dir / f"{name}.arrow").to_pydict()
-        splits[name] = [Sample(i, lab, json.loads(m)) for i, lab, m in zip(t["input_ids"], t["labels"], t["messages"])]
+        t = feather.read_table(cache_dir / f"{name}.arrow")
+        ids, labels = _lists(t.column("input_ids")), _lists(t.column("labels"))
+        # Messages stay JSON until asked for: a cache hit must not pay for decoding 100k conversations.
+        splits[name] = [Sample(i, lab, messages_json=m) for i, lab, m in zip(ids, labels, t.column("messages").to_pylist())]
     p = feather.read_table(cache_dir / "pairs.arrow").to_pydict()
     pairs = [Pair(json.loads(pr), Encoded(ci, cl, False), Encoded(ri, rl, False))
              for pr, ci, cl, ri, rl in zip(p["prompt"], p["chosen_input_ids"], p["chosen_labels"], p["rejected_input_ids"], p["rejected_labels"])]

@@ -115,32 +115,45 @@ def encode_many(tokenizer, items: list, train_on: str, max_length: int) -> list:
 def _tokenize_rendered(tokenizer, rendered: list, max_length: int) -> list:
     ok = [r for r in rendered if not isinstance(r, BadRow)]
     # The template already wrote BOS/special tokens: add none (same as apply_chat_template(tokenize=True)).
-    batch = tokenizer([r[0] for r in ok], add_special_tokens=False, return_offsets_mapping=True) if ok else {"input_ids": []}
+    # One batched call into the Rust tokenizer; spans map to tokens with char_to_token (a few calls per
+    # sample), which is ~3x faster than reading every token's offsets back into Python.
+    encodings = tokenizer.backend_tokenizer.encode_batch([r[0] for r in ok], add_special_tokens=False) if ok else []
     out, k = [], 0
     for r in rendered:
         if isinstance(r, BadRow):
             out.append(r)
             continue
-        ids, offsets = batch["input_ids"][k], batch["offset_mapping"][k]
+        enc = encodings[k]
         k += 1
+        ids = enc.ids
         if r[1] is None:
             ids = _with_bos_eos(tokenizer, ids)
             labels = list(ids)
         else:
-            labels = label_tokens(ids, offsets, r[1])
+            labels = label_tokens(enc, r[1])
         out.append(Encoded(ids[:max_length], labels[:max_length], len(ids) > max_length, len(ids)))
     return out
 
 
-def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """Token i keeps its id as label when its characters overlap a trained span (one pass, spans sorted)."""
-    labels, j = [], 0
-    for tok, (a, b) in zip(ids, offsets):
-        while j < len(spans) and spans[j][1] <= a:
-            j += 1
-        inside = j < len(spans) and (a < spans[j][1] and b > spans[j][0] if a != b else spans[j][0] <= a < spans[j][1])
-        labels.append(tok if inside else IGNORE)
+def label_tokens(enc, spans: list[tuple[int, int]]) -> list[int]:
+    """Labels = token ids for every token that overlaps a trained character span, IGNORE elsewhere."""
+    ids = enc.ids
+    labels = [IGNORE] * len(ids)
+    for s, e in spans:
+        first = _token_at(enc, range(s, e))
+        last = _token_at(enc, range(e - 1, s - 1, -1))
+        if first is not None and last is not None:
+            labels[first : last + 1] = ids[first : last + 1]
     return labels
+
+
+def _token_at(enc, positions) -> int | None:
+    """The token holding the first character in `positions` that belongs to a token."""
+    for p in positions:
+        t = enc.char_to_token(p)
+        if t is not None:
+            return t
+    return None
 
 
 def _with_bos_eos(tokenizer, ids: list[int]) -> list[int]:
