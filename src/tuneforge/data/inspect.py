@@ -26,6 +26,10 @@ def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
     from rich.text import Text
 
     console = Console()
+    r = data.report
+    console.print(f"{r['train_samples']} train / {r['eval_samples']} eval samples, {r['train_tokens']} train tokens "
+                  f"({r['train_target_tokens']} trained), mean {r['mean_sample_tokens']} max {r['max_sample_tokens']} tokens/sample, "
+                  f"{r['truncated']} truncated, dropped {r['dropped'] or 'none'}", highlight=False)
     for i, s in enumerate(samples):
         text = Text()
         for tid, lab in zip(s.input_ids, s.labels):
