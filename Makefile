@@ -27,7 +27,7 @@ $(DEMO_MODEL):
 
 demo: setup $(DEMO_MODEL)
 	$(BIN)/python examples/demo/make_data.py --out examples/demo/data
-	$(BIN)/tuneforge train examples/demo/config.yaml
+	$(BIN)/tuneforge train examples/demo/config.yaml --set output.overwrite=true
 	$(BIN)/tuneforge merge runs/demo
 	$(BIN)/tuneforge generate runs/demo/merged --prompt "Turn this into a JSON record: Ines Moreau is 41, lives in Lyon and works as a baker."
 
