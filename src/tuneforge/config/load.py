@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +121,3 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
             return found
     return None
 
-
-def env_secret(name: str) -> str | None:
-    return os.environ.get(name) or None

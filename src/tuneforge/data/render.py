@@ -168,7 +168,3 @@ def encode(tokenizer, messages, train_on: str, max_length: int, tools: list | No
     rendered = render_with_spans(tokenizer, item, train_on)
     return rendered[0], _tokenize_rendered(tokenizer, [rendered], max_length)[0]
 
-
-def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
-    """Plain corpus text: BOS (if the tokenizer has one) + text + EOS, every token trained."""
-    return encode_many(tokenizer, [text], "all", max_length)[0]

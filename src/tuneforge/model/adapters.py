@@ -18,8 +18,3 @@ def add_lora(model, cfg: LoraConfig):
     )
     return get_peft_model(model, peft_cfg)
 
-
-def count_params(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total

@@ -12,7 +12,6 @@ import random
 from contextlib import nullcontext
 import shutil
 import time
-from pathlib import Path
 
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
@@ -141,7 +140,8 @@ class SFTRecipe:
 
         t = self.cfg.train
         self.tracker = Tracker(self.run_dir, self.cfg.tracking.tensorboard, enabled=self.accel.is_main_process)
-        self.tracker.truncate_after(self.start_step) if self.resume else None
+        if self.resume:
+            self.tracker.truncate_after(self.start_step)
         if self.start_step == 0 and t.generate_eval.samples:
             self._generate_eval(step=0, tag="before")
         self.model.train()
@@ -247,8 +247,9 @@ class SFTRecipe:
 
         g = self.cfg.train.generate_eval
         convs = [s.messages for s in self.data.eval if isinstance(s.messages, list)][: g.samples]  # not corpus text
-        prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in convs]
-        refs = [c[max(i for i, m in enumerate(c) if m["role"] == "assistant")]["content"] for c in convs]
+        last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in convs]
+        prompts = [c[:i] for c, i in zip(convs, last)]
+        refs = [c[i]["content"] for c, i in zip(convs, last)]
         preds = generate_batch(self.accel.unwrap_model(self.model), self.tokenizer, prompts, g.max_new_tokens)
         result = score(preds, refs, g.metric)
         if self.accel.is_main_process:
