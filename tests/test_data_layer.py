@@ -198,3 +198,26 @@ def test_multiprocess_encoding_matches_single_process(tmp_path, tokenizer):
 def test_padding_efficiency():
     assert padding_efficiency([10, 10, 10, 10], 2) == 1.0
     assert padding_efficiency([10, 30], 2) == round(40 / 60, 4)
+
+
+STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+          "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+
+
+def test_pipelined_chunks_with_a_rejected_row_match_one_by_one_encoding(tmp_path, tokenizer, monkeypatch):
+    from tuneforge.data import render
+
+    monkeypatch.setattr(render, "CHUNK", 4)  # several chunks in flight, the bad row inside the second
+    monkeypatch.setattr(tokenizer, "chat_template", STRICT)
+    rows = tiny.reverse_rows(10, seed=3)
+    rows.insert(5, {"messages": [{"role": "user", "content": "a b"}, {"role": "user", "content": "c d"}, {"role": "assistant", "content": "e"}]})
+    path = tiny.write_jsonl(tmp_path / "d.jsonl", rows)
+    data = prep(tmp_path, tokenizer, [{"path": str(path)}], on_bad_row="skip", clean={"dedup": False})
+    assert len(data.train) == 10
+    assert data.report["dropped"] == {"the chat template rejected this conversation": 1}
+    for s, row in zip(data.train, rows[:5] + rows[6:]):
+        _, enc = render.encode(tokenizer, row["messages"], "assistant", 1024)
+        assert (s.input_ids, s.labels) == (enc.input_ids, enc.labels)
+    with pytest.raises(UserError, match="rejected this conversation.*roles must alternate"):
+        prep(tmp_path / "e", tokenizer, [{"path": str(path)}], clean={"dedup": False})

@@ -91,33 +91,71 @@ def _extend_to_end_token(text: str, end: int, messages: Messages, i: int, end_to
     return best[1] if best else end
 
 
-def render_with_spans(tokenizer, item, train_on: str) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(tokenizer, item, train_on: str, text: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """A conversation (list) or {"messages", "tools"} -> (rendered text, trained character spans)."""
     messages, tools = (item["messages"], item.get("tools")) if isinstance(item, dict) else (item, None)
-    text = render(tokenizer, messages, tools)
+    text = text if text is not None else render(tokenizer, messages, tools)
     end_tokens = tuple(t for t in END_OF_TURN_TOKENS + (tokenizer.eos_token or "",) if t and t in text)
     header = assistant_header(tokenizer) if any(m.get("tool_calls") for m in messages) else ""
     return text, trained_spans(text, messages, train_on, end_tokens, header)
 
 
+CHUNK = 4096  # conversations per tokenizer call: large enough for Rust's threads, small enough to pipeline
+
+
 def encode_many(tokenizer, items: list, train_on: str, max_length: int) -> list:
-    """Encode many items with one batched (Rust-parallel) tokenizer call. Returns Encoded or BadRow per item.
-    A str item is corpus text: BOS + text + EOS, every token trained."""
-    rendered: list = []
-    for item in items:
+    """Encode many items. Returns Encoded or BadRow per item. A str item is corpus text: BOS + text + EOS,
+    every token trained."""
+    return [enc for chunk in encode_chunks(tokenizer, items, train_on, max_length) for enc in chunk]
+
+
+def encode_chunks(tokenizer, items: list, train_on: str, max_length: int, in_flight: int = 3):
+    """Yield Encoded/BadRow per item, CHUNK items at a time. Pipelined: the Rust tokenizer encodes in a
+    background thread (it releases the GIL) while Python renders the next chunks and labels finished
+    ones; at most `in_flight` chunks wait, so memory stays bounded on large inputs."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting: deque = deque()
+        for i in range(0, len(items), CHUNK):
+            rendered = render_many(tokenizer, items[i : i + CHUNK], train_on)
+            waiting.append((rendered, pool.submit(_encode_texts, tokenizer, rendered)))
+            if len(waiting) >= in_flight:
+                rendered, job = waiting.popleft()
+                yield _to_encoded(tokenizer, rendered, job.result(), max_length)
+        while waiting:
+            rendered, job = waiting.popleft()
+            yield _to_encoded(tokenizer, rendered, job.result(), max_length)
+
+
+def render_many(tokenizer, items: list, train_on: str) -> list:
+    """Items -> (text, trained spans) per conversation, (text, None) per corpus text, or BadRow."""
+    plain = [i for i, it in enumerate(items) if isinstance(it, list) and not any(m.get("tool_calls") for m in it)]
+    texts: dict[int, str] = {}
+    if plain:
+        try:  # one batched template call: the template is compiled and set up once per chunk
+            texts = dict(zip(plain, tokenizer.apply_chat_template([items[i] for i in plain], tokenize=False)))
+        except Exception:  # noqa: BLE001 - a template rejected one conversation: render one by one to name it
+            texts = {}
+    out: list = []
+    for i, item in enumerate(items):
         try:
-            rendered.append((item, None) if isinstance(item, str) else render_with_spans(tokenizer, item, train_on))
+            out.append((item, None) if isinstance(item, str) else render_with_spans(tokenizer, item, train_on, texts.get(i)))
         except BadRow as exc:
-            rendered.append(exc)
-    return _tokenize_rendered(tokenizer, rendered, max_length)
+            out.append(exc)
+    return out
 
 
-def _tokenize_rendered(tokenizer, rendered: list, max_length: int) -> list:
-    ok = [r for r in rendered if not isinstance(r, BadRow)]
+def _encode_texts(tokenizer, rendered: list) -> list:
     # The template already wrote BOS/special tokens: add none (same as apply_chat_template(tokenize=True)).
-    # One batched call into the Rust tokenizer; spans map to tokens with char_to_token (a few calls per
-    # sample), which is ~3x faster than reading every token's offsets back into Python.
-    encodings = tokenizer.backend_tokenizer.encode_batch([r[0] for r in ok], add_special_tokens=False) if ok else []
+    texts = [r[0] for r in rendered if not isinstance(r, BadRow)]
+    return tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
+
+
+def _to_encoded(tokenizer, rendered: list, encodings: list, max_length: int) -> list:
+    # Spans map to tokens with char_to_token (a few calls per sample), ~3x faster than reading every
+    # token's offsets back into Python.
     out, k = [], 0
     for r in rendered:
         if isinstance(r, BadRow):
@@ -130,14 +168,14 @@ def _tokenize_rendered(tokenizer, rendered: list, max_length: int) -> list:
             ids = _with_bos_eos(tokenizer, ids)
             labels = list(ids)
         else:
-            labels = label_tokens(enc, r[1])
+            labels = label_tokens(enc, ids, r[1])
         out.append(Encoded(ids[:max_length], labels[:max_length], len(ids) > max_length, len(ids)))
     return out
 
 
-def label_tokens(enc, spans: list[tuple[int, int]]) -> list[int]:
-    """Labels = token ids for every token that overlaps a trained character span, IGNORE elsewhere."""
-    ids = enc.ids
+def label_tokens(enc, ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """Labels = token ids for every token that overlaps a trained character span, IGNORE elsewhere.
+    `ids` is enc.ids, passed in because every enc.ids call builds a new Python list."""
     labels = [IGNORE] * len(ids)
     for s, e in spans:
         first = _token_at(enc, range(s, e))
@@ -165,6 +203,6 @@ def _with_bos_eos(tokenizer, ids: list[int]) -> list[int]:
 def encode(tokenizer, messages, train_on: str, max_length: int, tools: list | None = None) -> tuple[str, Encoded]:
     """One conversation -> (rendered text, Encoded); raises BadRow."""
     item = {"messages": messages, "tools": tools} if tools else messages
-    rendered = render_with_spans(tokenizer, item, train_on)
-    return rendered[0], _tokenize_rendered(tokenizer, [rendered], max_length)[0]
+    rendered = [render_with_spans(tokenizer, item, train_on)]
+    return rendered[0][0], _to_encoded(tokenizer, rendered, _encode_texts(tokenizer, rendered), max_length)[0]
 
