@@ -86,8 +86,10 @@ SETUPS = {
     "trl_defaults": lambda m, d, o, a: run_trl(m, d, o, a.steps, a.batch),
     "trl_packing_bfd": lambda m, d, o, a: run_trl(m, d, o, a.steps, a.batch, packing=True, packing_strategy="bfd"),
     "trl_packing_wrapped": lambda m, d, o, a: run_trl(m, d, o, a.steps, a.batch, packing=True, packing_strategy="wrapped"),
-    "tuneforge_padded": lambda m, d, o, a: run_tuneforge(m, d, o, a.steps, a.batch, packing=False),
-    "tuneforge_packed": lambda m, d, o, a: run_tuneforge(m, d, o, a.steps, a.batch, packing=True),
+    "tuneforge_padded": lambda m, d, o, a: run_tuneforge(m, d, o, a.steps, a.batch, packing="off"),
+    "tuneforge_packed": lambda m, d, o, a: run_tuneforge(m, d, o, a.steps, a.batch, packing="padding_free"),
+    # Same shape of work as TRL bfd: micro-batches of `batch` bins x 256 tokens.
+    "tuneforge_bins": lambda m, d, o, a: run_tuneforge(m, d, o, a.steps, a.batch, packing="bins"),
 }
 
 

@@ -89,12 +89,20 @@ def test_generate_and_chat_from_run_dir(lora_run):
     assert chat.stdout.count("assistant> ") == 2
 
 
-def test_full_finetune_end_to_end(tmp_path, llama_dir):
+def test_full_finetune_end_to_end_with_bin_packing(tmp_path, llama_dir):
     train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.reverse_rows(64, seed=3))
     cfg = write_config(tmp_path / "full.yaml", llama_dir, train, tmp_path / "run_full",
-                       train={"finetune": "full", "max_steps": 12, "micro_batch_size": 8, "lr": 2e-3})
+                       data={"packing": "bins", "max_length": 64},
+                       train={"finetune": "full", "max_steps": 12, "micro_batch_size": 2, "lr": 2e-3})
     proc = run_cli("train", cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    packing = json.loads((tmp_path / "run_full" / "run_info.json").read_text())["packing"]
+    report = json.loads((tmp_path / "run_full" / "data_report.json").read_text())
+    assert packing == report["packing"] and packing["pack_length"] == 64
+    assert packing["bins"] < report["train_samples"] and packing["bin_fill"] > 0.8
+    assert f"in {packing['bins']} bins of 64 tokens" in proc.stdout + proc.stderr
+    rows = [r for r in metrics(tmp_path / "run_full") if "loss" in r]
+    assert all(r["tokens"] <= 2 * 64 for r in rows) and sum(r["tokens"] for r in rows) > 12 * 64  # bins are mostly full
     final = tmp_path / "run_full" / "final"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     losses = [r["loss"] for r in metrics(tmp_path / "run_full") if "loss" in r]

@@ -34,7 +34,7 @@ def load(folder):
 
 def test_masked_loss_equals_hand_computed_ce(llama_dir, tokenizer):
     model, batch_samples = load(llama_dir), samples(tokenizer)
-    batch = collate(batch_samples, tokenizer.pad_token_id, packing=False)
+    batch = collate(batch_samples, tokenizer.pad_token_id, packed=False)
     with torch.no_grad():
         ours = summed_ce(forward_logits(model, batch), batch["targets"]) / count_targets(batch)
         # By hand: one sample at a time, no padding; -log p(token t+1 | prefix) over assistant tokens.
@@ -63,10 +63,11 @@ def test_packed_loss_equals_padded_loss(arch, tmp_path, tokenizer):
     assert abs(losses[0] - losses[1]) <= 1e-4
 
 
-def recipe(tmp_path, llama_dir, train_file, name, **train):
+def recipe(tmp_path, llama_dir, train_file, name, data=None, **train):
     cfg = Config.model_validate({
         "model": {"path": str(llama_dir)},
-        "data": {"train": [{"path": str(train_file)}], "eval_split": 0.0, "cache_dir": str(tmp_path / "cache"), "packing": train.pop("packing", True)},
+        "data": {"train": [{"path": str(train_file)}], "eval_split": 0.0, "cache_dir": str(tmp_path / "cache"),
+                 "packing": train.pop("packing", True), **(data or {})},
         "train": {"finetune": "full", "lr": 1e-3, "seed": 3, **train},
         "output": {"dir": str(tmp_path / name)},
         "tracking": {"tensorboard": False, "plot": False},

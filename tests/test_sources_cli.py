@@ -62,6 +62,11 @@ def test_prepare_every_source_and_filter_via_cli(tmp_path, llama_dir):
     assert used == [6, 2, 1, 1, 2, 1, 1, 1, 1, 2, 3]  # dirty.jsonl: 4 rows, 1 without an answer
     assert report["dropped"] == {"no assistant turn with content": 1, "exact duplicate": 1, "refusal / boilerplate phrase": 1}
     assert report["train_samples"] + report["eval_samples"] == sum(used) - 2 and report["eval_samples"] == 2
+    # Bin packing numbers follow the packing settings without re-preparing (packing is not in the cache key).
+    binned = run_cli("prepare", tmp_path / "c.yaml", "--set", "data.packing=bins", env=tests_dir)
+    assert binned.returncode == 0 and "cache hit" in binned.stdout and "packing bin_fill" in binned.stdout
+    packing = json.loads((tmp_path / "run" / "data_report.json").read_text())["packing"]
+    assert packing["mode"] == "bins" and packing["pack_length"] == 4096 and 1 <= packing["bins"] <= 3
     texts = ""
     for split in ("train", "eval"):
         show = run_cli("data", "inspect", tmp_path / "c.yaml", "--split", split, "--limit", "40", "--json", env=tests_dir)

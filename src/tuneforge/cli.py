@@ -86,6 +86,9 @@ def _print_report(data) -> None:
         elif k == "datasets":
             for d in v:
                 table.add_row(f"dataset {d['name']}", f"{d['used']} used of {d['converted']}")
+        elif isinstance(v, dict):
+            for sub, x in v.items():
+                table.add_row(f"{k} {sub}", str(x))
         elif k not in ("fingerprint", "bad_row_examples"):
             table.add_row(k, str(v))
     Console().print(table)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -87,7 +87,13 @@ class DataConfig(Section):
         "assistant", description="Which tokens carry loss: assistant turns (+ their end token), everything, or the last assistant turn."
     )
     system_prompt: Optional[str] = Field(None, description="System prompt added to conversations that have none.")
-    packing: bool = Field(True, description="Padding-free packing: concatenate samples per micro-batch with restarting position ids.")
+    packing: Literal["off", "padding_free", "bins"] = Field(
+        "padding_free",
+        description="off = right-padded batches; padding_free = each micro-batch's samples concatenated in one row "
+        "(positions restart, no padding); bins = whole samples packed into bins of pack_length tokens "
+        "(best-fit decreasing), micro_batch_size counts bins. true/false mean padding_free/off.",
+    )
+    pack_length: Optional[int] = Field(None, ge=8, description="Tokens per bin for packing: bins (default: max_length).")
     group_texts: bool = Field(False, description="Corpus mode: concatenate all samples and cut into block_size blocks (pre-training style).")
     block_size: int = Field(512, ge=8, description="Block length for group_texts.")
     num_proc: int = Field(1, ge=1, description="Processes for tokenization (worth it above ~50k rows).")
@@ -95,6 +101,26 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the run (error) or is counted and skipped.")
     cache_dir: str = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
     seed: int = Field(42, description="Seed for the train/eval split.")
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_bool(cls, v):
+        return {True: "padding_free", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _pack_length_fits(self) -> "DataConfig":
+        if self.pack_length is not None and self.packing != "bins":
+            raise ValueError("data.pack_length applies to data.packing: bins; set packing: bins or remove pack_length")
+        longest = self.block_size if self.group_texts else self.max_length
+        if self.pack_length is not None and self.pack_length < longest:
+            raise ValueError(f"data.pack_length ({self.pack_length}) must hold the longest sample "
+                             f"({'block_size' if self.group_texts else 'max_length'} = {longest}): raise it or lower that")
+        return self
+
+    @property
+    def bin_tokens(self) -> int:
+        """Capacity of a packing bin."""
+        return self.pack_length or (self.block_size if self.group_texts else self.max_length)
 
 
 class LoraConfig(Section):

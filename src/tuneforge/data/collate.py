@@ -13,8 +13,9 @@ def shifted_targets(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE]
 
 
-def collate(samples, pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    return pack(samples) if packing else pad(samples, pad_id)
+def collate(samples, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """packed: one row without padding (data.packing padding_free or bins), else right padding."""
+    return pack(samples) if packed else pad(samples, pad_id)
 
 
 def pack(samples) -> dict[str, torch.Tensor]:

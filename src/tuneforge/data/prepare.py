@@ -92,7 +92,7 @@ def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
     fingerprint = data_fingerprint(data_cfg, tokenizer)
     cache_dir = cache_path(data_cfg, fingerprint)
     if (cache_dir / "report.json").is_file():
-        return _load_cache(cache_dir, fingerprint)
+        return _with_packing(_load_cache(cache_dir, fingerprint), data_cfg)
     report: dict[str, Any] = {"rows_read": 0, "dropped": Counter(), "bad_row_examples": [], "truncated": 0, "datasets": []}
     items = _read_all(data_cfg.train, data_cfg, report)
     eval_items = _read_all(data_cfg.eval, data_cfg, report) if data_cfg.eval else []
@@ -113,7 +113,15 @@ def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
         raise UserError(f"no training samples left in {names} (dropped: {dict(report['dropped']) or 'the input is empty'})")
     report = _finish_report(report, train, evals, pairs, fingerprint)
     _save_cache(cache_dir, train, evals, pairs, report)
-    return Prepared(train, evals, fingerprint, report, pairs=pairs)
+    return _with_packing(Prepared(train, evals, fingerprint, report, pairs=pairs), data_cfg)
+
+
+def _with_packing(data: Prepared, data_cfg: DataConfig) -> Prepared:
+    # Packing is not part of the cached data (it is not in the fingerprint): its numbers are added here.
+    from tuneforge.data.packing import packing_stats
+
+    data.report = {**data.report, "packing": packing_stats([len(s) for s in data.train], data_cfg.packing, data_cfg.bin_tokens)}
+    return data
 
 
 def cache_path(data_cfg: DataConfig, fingerprint: str) -> Path:

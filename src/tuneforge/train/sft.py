@@ -90,14 +90,22 @@ class SFTRecipe:
         torch.manual_seed(seed)
 
     def _plan_steps(self) -> None:
-        t, world = self.cfg.train, self.accel.num_processes
-        self.step_samples = t.micro_batch_size * t.grad_accum * world  # samples per optimizer step
-        self.steps_per_epoch = len(self.data.train) // self.step_samples
+        from tuneforge.data.packing import units
+
+        t, d, world = self.cfg.train, self.cfg.data, self.accel.num_processes
+        # A unit is one sample, or one bin of samples with packing: bins. Epochs shuffle units.
+        self.units = units([len(s) for s in self.data.train], d.packing, d.bin_tokens)
+        self.step_units = t.micro_batch_size * t.grad_accum * world  # units per optimizer step
+        self.steps_per_epoch = len(self.units) // self.step_units
         if self.steps_per_epoch == 0:
+            what = f"{len(self.data.train)} training samples" + (f" packed into {len(self.units)} bins" if d.packing == "bins" else "")
             raise UserError(
-                f"{len(self.data.train)} training samples but one optimizer step needs {self.step_samples} "
-                "(micro_batch_size x grad_accum x processes): lower train.micro_batch_size or train.grad_accum"
+                f"{what} but one optimizer step needs {self.step_units} (micro_batch_size x grad_accum x processes): "
+                "lower train.micro_batch_size or train.grad_accum" + (" or data.pack_length" if d.packing == "bins" else "")
             )
+        if d.packing == "bins":
+            p = self.data.report["packing"]
+            self.log(f"packing: {len(self.data.train)} samples in {p['bins']} bins of {p['pack_length']} tokens ({p['bin_fill']:.1%} full)")
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
 
     def _scheduler(self):
@@ -118,8 +126,16 @@ class SFTRecipe:
         state = load_checkpoint(ckpt, self.accel.unwrap_model(self.model), self.optimizer, self.scheduler)
         if state.get("data_fingerprint") != self.data.fingerprint:
             raise UserError(f"--resume: the data changed since {ckpt.name} (fingerprint differs); resume needs the same data")
+        if state.get("batching", self._batching()) != self._batching():
+            raise UserError(f"--resume: {ckpt.name} was saved with {state['batching']} (data.packing, data.pack_length, "
+                            "train.micro_batch_size, train.grad_accum, processes); resume needs the same batching")
         self.log(f"resumed from {ckpt} (step {state['step']})")
         return state["step"]
+
+    def _batching(self) -> str:
+        """What decides which samples each step sees; a resume must not change it mid-run."""
+        d, t = self.cfg.data, self.cfg.train
+        return f"packing={d.packing} bin={d.bin_tokens} units={len(self.units)} step={self.step_units}"
 
     def _write_run_files(self) -> None:
         if not self.accel.is_main_process:
@@ -131,7 +147,7 @@ class SFTRecipe:
         update_run_info(
             self.run_dir, status="running", finetune=self.cfg.train.finetune, base_model=self.cfg.model.model_dump(),
             base_model_dir=self.source, data_fingerprint=self.data.fingerprint, versions=versions(),
-            total_steps=self.total_steps, processes=self.accel.num_processes,
+            total_steps=self.total_steps, processes=self.accel.num_processes, packing=self.data.report.get("packing"),
         )
 
     # ---- train ------------------------------------------------------------------------------------
@@ -166,11 +182,12 @@ class SFTRecipe:
         import torch
 
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch)).tolist()
-        chunk = order[within * self.step_samples : (within + 1) * self.step_samples]
+        order = torch.randperm(len(self.units), generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch)).tolist()
+        chunk = order[within * self.step_units : (within + 1) * self.step_units]
         mbs, rank = self.cfg.train.micro_batch_size, self.accel.process_index
         mine = chunk[rank * mbs * self.cfg.train.grad_accum : (rank + 1) * mbs * self.cfg.train.grad_accum]
-        return [[self.data.train[i] for i in mine[k : k + mbs]] for k in range(0, len(mine), mbs)], epoch
+        micro = [[i for u in mine[k : k + mbs] for i in self.units[u]] for k in range(0, len(mine), mbs)]
+        return [[self.data.train[i] for i in ids] for ids in micro], epoch
 
     def _optimizer_step(self, step: int) -> dict:
         metrics = self.backward_step(step)
@@ -181,6 +198,10 @@ class SFTRecipe:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
+    @property
+    def _packed(self) -> bool:
+        return self.cfg.data.packing != "off"
+
     def backward_step(self, step: int) -> dict:
         """Forward + backward over this step's micro-batches; gradients hold d(loss)/d(params) after."""
         import torch
@@ -190,7 +211,7 @@ class SFTRecipe:
 
         micro, epoch = self._batches_for_step(step)
         device = self.accel.device
-        batches = [{k: v.to(device) for k, v in collate(mb, self.tokenizer.pad_token_id, self.cfg.data.packing).items()} for mb in micro]
+        batches = [{k: v.to(device) for k, v in collate(mb, self.tokenizer.pad_token_id, self._packed).items()} for mb in micro]
         local = torch.tensor([sum(count_targets(b) for b in batches), sum(real_tokens(b) for b in batches)], device=device)
         n_targets, n_tokens = self.accel.reduce(local, reduction="sum").tolist()
         # DDP averages gradients over processes; scaling by world size turns that back into a sum.
@@ -234,7 +255,7 @@ class SFTRecipe:
         mbs = self.cfg.train.micro_batch_size
         with torch.no_grad():
             for k in range(0, len(self.data.eval), mbs):
-                b = {n: v.to(self.accel.device) for n, v in collate(self.data.eval[k : k + mbs], self.tokenizer.pad_token_id, self.cfg.data.packing).items()}
+                b = {n: v.to(self.accel.device) for n, v in collate(self.data.eval[k : k + mbs], self.tokenizer.pad_token_id, self._packed).items()}
                 with self.accel.autocast():
                     total += summed_ce(forward_logits(self.model, b), b["targets"])
                 count += count_targets(b)
@@ -265,7 +286,7 @@ class SFTRecipe:
         if self.accel.is_main_process:
             path = save_checkpoint(
                 self.run_dir / "checkpoints", step, self.accel.unwrap_model(self.model), self.optimizer, self.scheduler,
-                {"data_fingerprint": self.data.fingerprint}, self.cfg.train.keep_checkpoints,
+                {"data_fingerprint": self.data.fingerprint, "batching": self._batching()}, self.cfg.train.keep_checkpoints,
             )
             update_run_info(self.run_dir, last_checkpoint=str(path), step=step)
 
