@@ -34,7 +34,7 @@ def load(folder):
 
 def test_masked_loss_equals_hand_computed_ce(llama_dir, tokenizer):
     model, batch_samples = load(llama_dir), samples(tokenizer)
-    batch = collate(batch_samples, tokenizer.pad_token_id, packed=False)
+    batch = collate([batch_samples], tokenizer.pad_token_id, packed=False)
     with torch.no_grad():
         ours = summed_ce(forward_logits(model, batch), batch["targets"]) / count_targets(batch)
         # By hand: one sample at a time, no padding; -log p(token t+1 | prefix) over assistant tokens.
@@ -53,14 +53,21 @@ def test_masked_loss_equals_hand_computed_ce(llama_dir, tokenizer):
 def test_packed_loss_equals_padded_loss(arch, tmp_path, tokenizer):
     folder = tiny.build_model(tmp_path / arch, arch)
     model, batch_samples = load(folder), samples(tokenizer, 6, seed=1)
+    layouts = {
+        "padded": ([batch_samples], False),
+        "one packed row": ([batch_samples], True),
+        "two packed rows, the shorter filled by a pad segment": ([batch_samples[:2], batch_samples[2:]], True),
+    }
+    losses = {}
     with torch.no_grad():
-        losses = []
-        for packing in (False, True):
-            b = collate(batch_samples, tokenizer.pad_token_id, packing)
-            losses.append(summed_ce(forward_logits(model, b), b["targets"]).item() / count_targets(b))
-    packed_shape = collate(batch_samples, tokenizer.pad_token_id, True)["input_ids"].shape
-    assert packed_shape[0] == 1 and packed_shape[1] == sum(len(s.input_ids) for s in batch_samples)
-    assert abs(losses[0] - losses[1]) <= 1e-4
+        for name, (rows, packed) in layouts.items():
+            b = collate(rows, tokenizer.pad_token_id, packed)
+            losses[name] = summed_ce(forward_logits(model, b), b["targets"]).item() / count_targets(b)
+            assert int(b["real_tokens"]) == sum(len(s) for s in batch_samples)
+    two = collate(layouts["two packed rows, the shorter filled by a pad segment"][0], tokenizer.pad_token_id, True)
+    assert two["input_ids"].shape == (2, max(sum(len(s) for s in batch_samples[:2]), sum(len(s) for s in batch_samples[2:])))
+    assert collate([batch_samples], tokenizer.pad_token_id, True)["input_ids"].shape == (1, sum(len(s) for s in batch_samples))
+    assert all(abs(v - losses["padded"]) <= 1e-4 for v in losses.values()), losses
 
 
 def recipe(tmp_path, llama_dir, train_file, name, data=None, **train):

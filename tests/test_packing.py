@@ -55,12 +55,13 @@ def test_training_on_bins_takes_the_loss_of_the_same_samples_unpacked(tmp_path, 
     assert len(r.units) < len(r.data.train)  # several samples per bin
     assert r.steps_per_epoch == len(r.units) // 4
     micro, _ = r._batches_for_step(0)
-    assert len(micro) == 2 and all(sum(len(s) for s in mb) <= 2 * r.cfg.data.bin_tokens for mb in micro)
+    assert len(micro) == 2 and all(len(rows) == 2 for rows in micro)  # micro_batch_size bins, one row each
+    assert all(sum(len(s) for s in row) <= r.cfg.data.bin_tokens for rows in micro for row in rows)
     m = r.backward_step(0)
-    step_samples = [s for mb in micro for s in mb]
+    step_samples = [s for rows in micro for row in rows for s in row]
     assert m["tokens"] == sum(len(s) for s in step_samples) and max(lengths) <= r.cfg.data.bin_tokens
     with torch.no_grad():  # the same samples, one padded batch: same mean CE over target tokens
-        b = collate(step_samples, r.tokenizer.pad_token_id, packed=False)
+        b = collate([step_samples], r.tokenizer.pad_token_id, packed=False)
         padded = summed_ce(forward_logits(r.model, b), b["targets"]).item() / count_targets(b)
     assert abs(m["loss"] - padded) <= 1e-4
 

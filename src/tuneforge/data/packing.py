@@ -3,7 +3,8 @@
 - off: samples right-padded to the longest in the micro-batch.
 - padding_free: the same micro-batches, concatenated into one row (positions restart per sample).
 - bins: whole samples are placed into bins of `pack_length` tokens (best-fit decreasing), and a
-  micro-batch is `micro_batch_size` bins: every forward pass sees about the same number of tokens.
+  micro-batch is `micro_batch_size` bins, one row each: every forward pass sees about the same number
+  of tokens, and attention cost stays rows x pack_length^2 instead of (rows x pack_length)^2.
 
 A sample is never split across bins and never attends to another (collate restarts positions).
 """

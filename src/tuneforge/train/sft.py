@@ -178,7 +178,8 @@ class SFTRecipe:
         return last
 
     def _batches_for_step(self, step: int):
-        """The micro-batches of this process for one optimizer step; the order depends only on seed and epoch."""
+        """The micro-batches (lists of rows of samples) of this process for one optimizer step; the order
+        depends only on seed and epoch."""
         import torch
 
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -186,8 +187,11 @@ class SFTRecipe:
         chunk = order[within * self.step_units : (within + 1) * self.step_units]
         mbs, rank = self.cfg.train.micro_batch_size, self.accel.process_index
         mine = chunk[rank * mbs * self.cfg.train.grad_accum : (rank + 1) * mbs * self.cfg.train.grad_accum]
-        micro = [[i for u in mine[k : k + mbs] for i in self.units[u]] for k in range(0, len(mine), mbs)]
-        return [[self.data.train[i] for i in ids] for ids in micro], epoch
+        # Rows of samples: one row per bin, or the whole micro-batch as one row (collate pads or packs it).
+        micro = [[self.units[u] for u in mine[k : k + mbs]] for k in range(0, len(mine), mbs)]
+        if self.cfg.data.packing != "bins":
+            micro = [[[i for unit in units for i in unit]] for units in micro]
+        return [[[self.data.train[i] for i in row] for row in rows] for rows in micro], epoch
 
     def _optimizer_step(self, step: int) -> dict:
         metrics = self.backward_step(step)
@@ -255,7 +259,7 @@ class SFTRecipe:
         mbs = self.cfg.train.micro_batch_size
         with torch.no_grad():
             for k in range(0, len(self.data.eval), mbs):
-                b = {n: v.to(self.accel.device) for n, v in collate(self.data.eval[k : k + mbs], self.tokenizer.pad_token_id, self._packed).items()}
+                b = {n: v.to(self.accel.device) for n, v in collate([self.data.eval[k : k + mbs]], self.tokenizer.pad_token_id, self._packed).items()}
                 with self.accel.autocast():
                     total += summed_ce(forward_logits(self.model, b), b["targets"])
                 count += count_targets(b)
