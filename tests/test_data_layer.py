@@ -185,6 +185,12 @@ def test_group_texts_blocks(tmp_path, tokenizer):
     data = prep(tmp_path, tokenizer, [{"path": str(tmp_path / "c.txt"), "text_unit": "line"}], group_texts=True, block_size=32)
     assert data.train and all(len(s.input_ids) == 32 and s.labels == s.input_ids for s in data.train)
     assert data.report["train_tokens"] == 32 * len(data.train)
+    from tuneforge.data.inspect import _text
+
+    again = prep(tmp_path, tokenizer, [{"path": str(tmp_path / "c.txt"), "text_unit": "line"}], group_texts=True, block_size=32)
+    assert again.cache_hit and again.train[0].messages is None  # a block has no source item ...
+    first = tiny.corpus(50)[0]
+    assert _text(again.train[0], tokenizer, "all").startswith(first[:20])  # ... inspect shows its decoded text
 
 
 def test_multiprocess_encoding_matches_single_process(tmp_path, tokenizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tuneforge.data.render import IGNORE
+from tuneforge.data.render import IGNORE, render_with_spans
 
 
 def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
@@ -15,10 +15,8 @@ def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
     data = prepare(cfg.data, tok)
     samples = (data.train if split == "train" else data.eval)[:limit]
     if as_json:
-        from tuneforge.data.render import render_with_spans
-
         # The exact string that was tokenized (re-rendered: decode() is not always the inverse of encode()).
-        texts = [s.messages if isinstance(s.messages, str) else render_with_spans(tok, s.messages, cfg.data.train_on)[0] for s in samples]
+        texts = [_text(s, tok, cfg.data.train_on) for s in samples]
         rows = [{"text": t, "input_ids": s.input_ids, "labels": s.labels} for t, s in zip(texts, samples)]
         print(json.dumps(rows, ensure_ascii=False))
         return
@@ -36,3 +34,11 @@ def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
             text.append(tok.decode([tid]), style="bold green" if lab != IGNORE else "dim")
         console.rule(f"{split} sample {i}: {len(s.input_ids)} tokens, {s.n_targets} trained (green)")
         console.print(text)
+
+
+def _text(sample, tok, train_on: str) -> str:
+    if sample.messages is None:  # a group_texts block: cut from the token stream, shown decoded
+        return tok.decode(sample.input_ids)
+    if isinstance(sample.messages, str):
+        return sample.messages
+    return render_with_spans(tok, sample.messages, train_on)[0]

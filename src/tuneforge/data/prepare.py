@@ -206,29 +206,85 @@ def _split(items: list, data_cfg: DataConfig, seed: int) -> tuple[list, list]:
 
 
 def _encode_all(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> list[Sample]:
-    """Encode, drop bad/too-long rows (counted), and move each chunk's tokens into Arrow right away."""
-    ids, labels, messages, kept = [], [], [], []
-    for chunk_items, encoded in _encode_parallel(items, tokenizer, data_cfg):
-        chunk = []
-        for item, enc in zip(chunk_items, encoded):
-            if isinstance(enc, BadRow):
-                _bad_row(f"conversation: {enc}", str(enc), data_cfg, report)
-                continue
-            n_targets = len(enc.labels) - enc.labels.count(IGNORE)
-            reason = _length_problem(enc, n_targets, data_cfg)
-            if reason:
-                report["dropped"][reason] += 1
-                continue
-            report["truncated"] += enc.truncated
-            chunk.append((enc, item, n_targets))
-        ids.append(int_lists([c[0].input_ids for c in chunk]))
-        labels.append(int_lists([c[0].labels for c in chunk]))
-        messages += [json.dumps(c[1]) for c in chunk]
-        kept += [(c[1], c[2]) for c in chunk]
+    """Encode, drop bad/too-long rows (counted), and keep tokens in Arrow buffers, not Python ints."""
+    ids, labels, messages, kept, n_targets = [], [], [], [], []
+    for offset, ch in _encoded_chunks(items, tokenizer, data_cfg):
+        for msg in ch.bad:
+            _bad_row(f"conversation: {msg}", msg, data_cfg, report)
+        report["dropped"].update(ch.dropped)
+        report["truncated"] += ch.truncated
+        ids.append(ch.ids)
+        labels.append(ch.labels)
+        messages += ch.messages
+        kept += [items[offset + k] for k in ch.kept]
+        n_targets += ch.n_targets
     if not kept:
         return []
     id_refs, label_refs = _lists(pa_concat(ids)), _lists(pa_concat(labels))
-    return [Sample(i, lab, item, m, n) for i, lab, m, (item, n) in zip(id_refs, label_refs, messages, kept)]
+    return [Sample(*refs, item, m, n) for *refs, item, m, n in zip(id_refs, label_refs, kept, messages, n_targets)]
+
+
+@dataclass
+class _Chunk:
+    """One encoded chunk after the per-row checks: what a worker process sends back (Arrow arrays
+    pickle as flat buffers, unlike lists of Python ints)."""
+    kept: list[int]  # positions in the chunk
+    ids: Any
+    labels: Any
+    n_targets: list[int]
+    messages: list[str]
+    bad: list[str]
+    dropped: Counter
+    truncated: int
+
+
+def _check_chunk(items: list, encoded: list, data_cfg: DataConfig) -> _Chunk:
+    ch = _Chunk([], None, None, [], [], [], Counter(), 0)
+    keep = []
+    for k, (item, enc) in enumerate(zip(items, encoded)):
+        if isinstance(enc, BadRow):
+            ch.bad.append(str(enc))
+            continue
+        n = len(enc.labels) - enc.labels.count(IGNORE)
+        reason = _length_problem(enc, n, data_cfg)
+        if reason:
+            ch.dropped[reason] += 1
+            continue
+        ch.truncated += enc.truncated
+        ch.kept.append(k)
+        ch.n_targets.append(n)
+        keep.append((enc, item))
+    ch.ids, ch.labels = int_lists([e.input_ids for e, _ in keep]), int_lists([e.labels for e, _ in keep])
+    ch.messages = [json.dumps(item) for _, item in keep]
+    return ch
+
+
+def _chunks_of(items: list, tokenizer, data_cfg: DataConfig):
+    """(offset, _Chunk) per chunk, pipelined in this process."""
+    offset = 0
+    for encoded in encode_chunks(tokenizer, items, data_cfg.train_on, data_cfg.max_length):
+        yield offset, _check_chunk(items[offset : offset + len(encoded)], encoded, data_cfg)
+        offset += len(encoded)
+
+
+def _worker_part(items: list, tokenizer, data_cfg: DataConfig) -> list:
+    return list(_chunks_of(items, tokenizer, data_cfg))
+
+
+def _encoded_chunks(items: list, tokenizer, data_cfg: DataConfig):
+    """(offset, _Chunk) in item order: in this process, or from num_proc worker processes."""
+    if data_cfg.num_proc <= 1 or len(items) < 2000:
+        yield from _chunks_of(items, tokenizer, data_cfg)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = -(-len(items) // (data_cfg.num_proc * 2))
+    starts = list(range(0, len(items), size))
+    with ProcessPoolExecutor(data_cfg.num_proc) as pool:
+        parts = pool.map(_worker_part, [items[i : i + size] for i in starts], [tokenizer] * len(starts), [data_cfg] * len(starts))
+        for start, part in zip(starts, parts):
+            for offset, ch in part:
+                yield start + offset, ch
 
 
 def int_lists(lists: list[list[int]]):
@@ -261,23 +317,6 @@ def _length_problem(enc: Encoded, n_targets: int, data_cfg: DataConfig) -> str |
     return None
 
 
-def _encode_parallel(items: list, tokenizer, data_cfg: DataConfig):
-    """Yield (items, encoded) per chunk: pipelined in this process, or split over num_proc processes."""
-    args = (data_cfg.train_on, data_cfg.max_length)
-    if data_cfg.num_proc <= 1 or len(items) < 2000:
-        start = 0
-        for encoded in encode_chunks(tokenizer, items, *args):
-            yield items[start : start + len(encoded)], encoded
-            start += len(encoded)
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    chunk = -(-len(items) // (data_cfg.num_proc * 4))
-    parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
-    with ProcessPoolExecutor(data_cfg.num_proc) as pool:
-        yield from zip(parts, pool.map(encode_many, [tokenizer] * len(parts), parts, *[[a] * len(parts) for a in args]))
-
-
 def _encode_pairs(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> list[Pair]:
     pairs = []
     for it in items:
@@ -296,7 +335,8 @@ def _blocks(samples: list[Sample], block: int, report: dict) -> list[Sample]:
     labels = [t for s in samples for t in s.labels]
     n = len(ids) // block
     report["group_texts_tokens_dropped"] = report.get("group_texts_tokens_dropped", 0) + len(ids) - n * block
-    return [Sample(ids[i * block : (i + 1) * block], labels[i * block : (i + 1) * block], f"block {i}") for i in range(n)]
+    # A block cuts across documents: it has no source item (messages None; inspect shows its decoded text).
+    return [Sample(ids[i * block : (i + 1) * block], labels[i * block : (i + 1) * block], None) for i in range(n)]
 
 
 def _finish_report(report: dict, train: list[Sample], evals: list[Sample], pairs: list[Pair], fingerprint: str) -> dict:
