@@ -96,7 +96,7 @@ class DataConfig(Section):
     pack_length: Optional[int] = Field(None, ge=8, description="Tokens per bin for packing: bins (default: max_length).")
     group_texts: bool = Field(False, description="Corpus mode: concatenate all samples and cut into block_size blocks (pre-training style).")
     block_size: int = Field(512, ge=8, description="Block length for group_texts.")
-    num_proc: int = Field(1, ge=1, description="Processes for tokenization (worth it above ~50k rows).")
+    num_proc: int = Field(1, ge=1, description="Worker processes for rendering + tokenizing. 1 already keeps every core busy tokenizing (Rust threads); more helps on many-core machines with large data.")
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Dedup, filters, language and diversity selection.")
     on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the run (error) or is counted and skipped.")
     cache_dir: str = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
