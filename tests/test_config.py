@@ -96,3 +96,10 @@ def test_help_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
     assert run_cli("--help").returncode == 0
+
+
+def test_packing_errors_are_one_line(tmp_path):
+    cfg = minimal(tmp_path)
+    assert_user_error(run_cli("config", "validate", cfg, "--set", "data.packing=bins", "--set", "data.pack_length=100"),
+                      "data.pack_length (100) must hold the longest sample (max_length = 1024)")
+    assert_user_error(run_cli("config", "validate", cfg, "--set", "data.packing=bin"), "data.packing", "'bins'")
