@@ -318,9 +318,10 @@ def _length_problem(enc: Encoded, n_targets: int, data_cfg: DataConfig) -> str |
 
 
 def _encode_pairs(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> list[Pair]:
+    convs = [it["prompt"] + it[side] for it in items for side in ("chosen", "rejected")]
+    encoded = encode_many(tokenizer, convs, "last_assistant", data_cfg.max_length)  # one pipelined pass
     pairs = []
-    for it in items:
-        chosen, rejected = encode_many(tokenizer, [it["prompt"] + it["chosen"], it["prompt"] + it["rejected"]], "last_assistant", data_cfg.max_length)
+    for it, chosen, rejected in zip(items, encoded[0::2], encoded[1::2]):
         if isinstance(chosen, BadRow) or isinstance(rejected, BadRow):
             bad = chosen if isinstance(chosen, BadRow) else rejected
             _bad_row(f"preference pair: {bad}", str(bad), data_cfg, report)

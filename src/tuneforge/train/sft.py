@@ -134,7 +134,7 @@ class SFTRecipe:
 
     def _batching(self) -> str:
         """What decides which samples each step sees; a resume must not change it mid-run."""
-        d, t = self.cfg.data, self.cfg.train
+        d = self.cfg.data
         return f"packing={d.packing} bin={d.bin_tokens} units={len(self.units)} step={self.step_units}"
 
     def _write_run_files(self) -> None:
