@@ -44,11 +44,11 @@ def units(lengths: list[int], mode: str, pack_length: int) -> list[list[int]]:
     return [[i] for i in range(len(lengths))]
 
 
-def packing_stats(lengths: list[int], mode: str, pack_length: int) -> dict:
+def packing_stats(lengths: list[int], mode: str, pack_length: int, bins: list[list[int]] | None = None) -> dict:
     """What the packing mode does to this data: bins and how full they are (1.0 = no wasted slot)."""
     if mode != "bins" or not lengths:
         return {"mode": mode}
-    bins = plan_bins(lengths, pack_length)
+    bins = bins if bins is not None else plan_bins(lengths, pack_length)
     return {"mode": mode, "pack_length": pack_length, "bins": len(bins),
             "samples_per_bin": round(len(lengths) / len(bins), 2),
             "bin_fill": round(sum(lengths) / (len(bins) * pack_length), 4)}

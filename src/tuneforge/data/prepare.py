@@ -86,6 +86,7 @@ class Prepared:
     report: dict[str, Any] = field(default_factory=dict)
     cache_hit: bool = False
     pairs: list[Pair] = field(default_factory=list)
+    units: list[list[int]] = field(default_factory=list)  # what an epoch shuffles: samples or bins
 
 
 def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
@@ -117,10 +118,13 @@ def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
 
 
 def _with_packing(data: Prepared, data_cfg: DataConfig) -> Prepared:
-    # Packing is not part of the cached data (it is not in the fingerprint): its numbers are added here.
-    from tuneforge.data.packing import packing_stats
+    # Packing is not part of the cached data (it is not in the fingerprint): it is planned here, once.
+    from tuneforge.data.packing import packing_stats, units
 
-    data.report = {**data.report, "packing": packing_stats([len(s) for s in data.train], data_cfg.packing, data_cfg.bin_tokens)}
+    lengths = [len(s) for s in data.train]
+    data.units = units(lengths, data_cfg.packing, data_cfg.bin_tokens)
+    stats = packing_stats(lengths, data_cfg.packing, data_cfg.bin_tokens, data.units if data_cfg.packing == "bins" else None)
+    data.report = {**data.report, "packing": stats}
     return data
 
 
@@ -220,7 +224,9 @@ def _encode_all(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> l
         n_targets += ch.n_targets
     if not kept:
         return []
-    id_refs, label_refs = _lists(pa_concat(ids)), _lists(pa_concat(labels))
+    import pyarrow as pa
+
+    id_refs, label_refs = _lists(pa.concat_arrays(ids)), _lists(pa.concat_arrays(labels))
     return [Sample(*refs, item, m, n) for *refs, item, m, n in zip(id_refs, label_refs, kept, messages, n_targets)]
 
 
@@ -298,12 +304,6 @@ def int_lists(lists: list[list[int]]):
     np.cumsum([len(x) for x in lists], out=offsets[1:])
     values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def pa_concat(arrays: list):
-    import pyarrow as pa
-
-    return pa.concat_arrays(arrays)
 
 
 def _length_problem(enc: Encoded, n_targets: int, data_cfg: DataConfig) -> str | None:

@@ -90,11 +90,9 @@ class SFTRecipe:
         torch.manual_seed(seed)
 
     def _plan_steps(self) -> None:
-        from tuneforge.data.packing import units
-
         t, d, world = self.cfg.train, self.cfg.data, self.accel.num_processes
-        # A unit is one sample, or one bin of samples with packing: bins. Epochs shuffle units.
-        self.units = units([len(s) for s in self.data.train], d.packing, d.bin_tokens)
+        # A unit is one sample, or one bin of samples with packing: bins (planned by prepare). Epochs shuffle units.
+        self.units = self.data.units
         self.step_units = t.micro_batch_size * t.grad_accum * world  # units per optimizer step
         self.steps_per_epoch = len(self.units) // self.step_units
         if self.steps_per_epoch == 0:
