@@ -96,11 +96,12 @@ def _print_report(data) -> None:
 
 @app.command()
 def merge(run_dir: Path, out: Optional[Path] = typer.Option(None, help="Output dir (default RUN_DIR/merged)."),
-          tolerance: float = typer.Option(1e-3, help="Max |logit difference| allowed between adapter and merged model.")):
+          tolerance: float = typer.Option(1e-3, help="Max |logit difference| allowed between adapter and merged model."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merge at --out (only a tuneforge merge).")):
     """Fuse a LoRA adapter into full weights, loadable by plain transformers; checks logit parity."""
     from tuneforge.export.merge import merge as run_merge
 
-    report = run_merge(str(run_dir), str(out) if out else None, tolerance)
+    report = run_merge(str(run_dir), str(out) if out else None, tolerance, overwrite=overwrite)
     Console().print(f"merged -> {report['out']}  max |logit diff| {report['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}) OK")
 
 
@@ -159,26 +160,15 @@ def data_inspect(config: Path, split: str = typer.Option("train", help="train or
     inspect_samples(cfg, split, limit, as_json)
 
 
+# Commands of later stages live in their own modules (tuneforge/commands/), each registering on `app`.
+import tuneforge.commands  # noqa: E402,F401
+
+
 def main() -> None:
     import warnings
 
-    import click
+    from tuneforge.errors import run_cli
 
     # Library deprecation chatter (peft/transformers) is not actionable for a user of tuneforge.
     warnings.filterwarnings("ignore", category=FutureWarning)
-
-    try:
-        rv = app(standalone_mode=False)
-    except UserError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except ParityError as exc:
-        console.print(f"[red]parity check failed:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.UsageError as exc:
-        exc.show()
-        sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        console.print("interrupted")
-        sys.exit(130)
-    sys.exit(rv if isinstance(rv, int) else 0)
+    sys.exit(run_cli(lambda: app(standalone_mode=False), console))

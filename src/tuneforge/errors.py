@@ -1,4 +1,13 @@
-"""User-facing errors: one line, exit code 2, no traceback (the CLI catches them)."""
+"""User-facing errors and the CLI's one error boundary.
+
+A user error is one line `error: <place>: <what> (<fix>)`, exit code 2, no traceback. An internal bug
+keeps its traceback, under a one-line header saying it is a bug in tuneforge.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Callable
 
 
 class UserError(Exception):
@@ -11,3 +20,89 @@ class ParityError(Exception):
     """An exported artifact differs from the trained model beyond tolerance (exit 3)."""
 
     exit_code = 3
+
+
+def _cli_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts, exits) of the command-line library, whichever click typer uses.
+
+    typer >= 0.29 vendors click as `typer._click` and raises its own classes; older typer raises
+    click's. Catch both so an upgrade cannot turn a CLI typo back into a traceback (tested).
+    """
+    import importlib
+
+    usage, aborts, exits = [], [], []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        for attr, bucket in (("Abort", aborts), ("Exit", exits)):
+            if hasattr(mod, attr):
+                bucket.append(getattr(mod, attr))
+    import typer
+
+    aborts.append(typer.Abort)
+    exits.append(typer.Exit)
+    return tuple(usage), tuple(aborts), tuple(exits)
+
+
+# OS errors a user causes (full disk, no permission, missing file, read-only fs) and what to do about them.
+_OS_FIXES = {
+    errno.ENOSPC: "free disk space or point the output elsewhere",
+    errno.EACCES: "check the folder's permissions",
+    errno.EPERM: "check the folder's permissions",
+    errno.EROFS: "the filesystem is read-only: write elsewhere",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EDQUOT: "disk quota exceeded: free space or write elsewhere",
+}
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one-line message for an exception a user caused, or None for an internal bug."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _OS_FIXES:
+        where = exc.filename or "output"
+        return f"{where}: {exc.strerror or exc} ({_OS_FIXES[exc.errno]})"
+    text = str(exc)
+    # torch reports a full disk while writing a checkpoint as an opaque RuntimeError from its zip writer.
+    if isinstance(exc, RuntimeError) and ("No space left on device" in text or "file write failed" in text):
+        return f"writing failed: no space left on device ({_OS_FIXES[errno.ENOSPC]})"
+    if isinstance(exc, MemoryError):
+        return "out of memory: lower train.micro_batch_size or data.max_length, or enable train.gradient_checkpointing"
+    return None
+
+
+def run_cli(invoke: Callable[[], object], console) -> int:
+    """Run the typer app (standalone_mode=False) and turn every outcome into an exit code."""
+    usage, aborts, exits = _cli_exception_types()
+    try:
+        rv = invoke()
+    except ParityError as exc:
+        console.print(f"[red]parity check failed:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except usage as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `tuneforge` alone: help was printed, not an error
+            return 0
+        exc.show()
+        return 2
+    except exits as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except (*aborts, KeyboardInterrupt):
+        console.print("interrupted")
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except Exception as exc:  # noqa: BLE001 - the boundary: decide user error vs bug here, once
+        message = user_message(exc)
+        if message is None:
+            console.print("[red]internal error: this is a bug in tuneforge[/] (please report it with the traceback below)",
+                          highlight=False)
+            raise
+        console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+        return 2
+    return rv if isinstance(rv, int) else 0
+

@@ -21,7 +21,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         key, value = parse_overrides([item])[0]
         set_dotted(raw, key, value)
     load_dotenv_secrets(Path(path).parent)
-    return validate(raw, source=str(path))
+    cfg = validate(raw, source=str(path))
+    cfg._config_path = Path(path)
+    return cfg
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -182,6 +182,8 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # Where the config was read from (set by load_config): its folder is never overwritten by a run.
+    _config_path: Optional[Path] = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Config":
@@ -198,3 +200,7 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir)
+
+    @property
+    def config_path(self) -> Optional[Path]:
+        return self._config_path

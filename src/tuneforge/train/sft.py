@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import random
 from contextlib import nullcontext
-import shutil
 import time
 
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
+from tuneforge.outputs import check_output_dir, clear_output_dir, mark_output_dir
 from tuneforge.rundir import read_run_info, update_run_info, versions, write_config, write_json
 
 
@@ -35,6 +35,8 @@ class SFTRecipe:
             status = read_run_info(self.run_dir).get("status")
             fix = "add --resume to continue it" if status != "finished" else "choose another output.dir"
             raise UserError(f"{self.run_dir} already holds a {status} run: {fix}, or --set output.overwrite=true")
+        # Only ever replace a directory that is a tuneforge run (never '.', a parent, or a user's folder).
+        check_output_dir(self.run_dir, "run", self.cfg.output.overwrite, "output.overwrite=true", self.cfg.config_path)
 
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -47,8 +49,10 @@ class SFTRecipe:
         cfg = self.cfg
         self.accel = Accelerator(mixed_precision=self._mixed_precision(), cpu=not torch.cuda.is_available())
         if cfg.output.overwrite and not self.resume and self.accel.is_main_process:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            clear_output_dir(self.run_dir, "run", cfg.config_path)
+        if self.accel.is_main_process:
+            mark_output_dir(self.run_dir, "run")
+        self.accel.wait_for_everyone()
         self._seed(cfg.train.seed)
         self.source = resolve_model_dir(cfg.model, self.log)
         self.tokenizer = load_tokenizer(self.source, cfg.model)

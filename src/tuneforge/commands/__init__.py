@@ -1,0 +1,5 @@
+"""CLI commands of the later stages, one module per stage (each module registers on `tuneforge.cli.app`).
+
+Add a module here with one import line; keep imports inside command bodies lazy (`tuneforge --help`
+must not import torch).
+"""
