@@ -61,8 +61,8 @@ def check_output_dir(path: str | Path, kind: str, overwrite: bool, flag: str, co
                         "config's folder (pick a new sub-folder, e.g. runs/my-run)")
     if p.exists() and not p.is_dir():
         raise UserError(f"{p}: exists and is not a directory (pick another output path)")
-    if not p.exists() or not any(p.iterdir()):
-        return p
+    if not p.exists() or not [c for c in p.iterdir() if c.name != MARKER]:
+        return p  # missing, empty, or only our marker (a command that failed before writing anything)
     found = artifact_kind(p)
     if found is None:
         raise UserError(f"{p}: folder is not empty and was not written by tuneforge; refusing to write a {kind} into it "
