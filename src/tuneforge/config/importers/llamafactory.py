@@ -1,0 +1,211 @@
+"""LLaMA-Factory training arguments (a YAML/JSON file, or a `train_bash.py --flag value ...` command line) -> tuneforge."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuneforge.config.importers.axolotl import OPTIMIZERS
+from tuneforge.config.importers.table import (
+    Ignored, ImportResult, NotMapped, Translator, empty_or, flag, ignored, lookup, same_as, to,
+)
+from tuneforge.errors import UserError
+
+TEMPLATES = {"llama2": "llama2", "llama3": "llama3", "mistral": "mistral", "alpaca": "alpaca", "chatml": "chatml",
+             "qwen": "chatml", "gemma": "gemma", "phi": "phi3", "vicuna": "vicuna"}
+
+
+def parse_command(text: str) -> dict[str, Any]:
+    """`accelerate launch src/train_bash.py --stage sft --bf16 ...` -> {"stage": "sft", "bf16": True, ...}.
+
+    The script name is kept under the key `_script` so predict/export commands can be told apart.
+    """
+    tokens = shlex.split(text.replace("\\\n", " "), comments=True)
+    args: dict[str, Any] = {}
+    script = next((t for t in tokens if t.endswith(".py")), "")
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            key, eq, val = tok[2:].partition("=")
+            if eq:
+                args[key] = _scalar(val)
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                args[key] = _scalar(tokens[i + 1])
+                i += 1
+            else:
+                args[key] = True
+        i += 1
+    if not args:
+        raise UserError("LLaMA-Factory command: no --flags found (pass a train_bash.py / llamafactory-cli command or a YAML file)")
+    return {"_script": Path(script).name, **args}
+
+
+def _scalar(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads 2e-5 as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def read_args(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml", ".json"):
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of LLaMA-Factory arguments")
+        return data
+    return parse_command(text)
+
+
+def _stage(v):
+    if v == "sft":
+        raise Ignored("supervised fine-tuning is tuneforge's default recipe")
+    if v == "pt":
+        return {"data.train_on": "all"}
+    if v in ("dpo", "orpo", "kto"):
+        return {"train.method": v}
+    raise NotMapped(f"stage {v!r} (reward modelling / PPO) is not in tuneforge")
+
+
+def _finetuning_type(v):
+    if v in ("lora", "full", "freeze"):
+        return {"train.finetune": v}
+    raise NotMapped(f"finetuning_type {v!r}: tuneforge has lora, full, freeze")
+
+
+def _quant_bit(v):
+    if int(v) in (4, 8):
+        return {"model.quantize": f"{int(v)}bit"}
+    raise NotMapped(f"quantization_bit {v}: tuneforge quantizes to 4 or 8 bits")
+
+
+def _lora_target(v):
+    names = [m.strip() for m in str(v).split(",") if m.strip()]
+    return {"lora.target_modules": "all-linear" if names == ["all"] else names}
+
+
+def _flash_attn(v):
+    table = {True: "flash_attention_2", "fa2": "flash_attention_2", "sdpa": "sdpa", "disabled": "eager", "auto": "auto"}
+    if v in table:
+        return {"model.attn_implementation": table[v]}
+    raise NotMapped(f"flash_attn {v!r}: expected fa2, sdpa, disabled or auto")
+
+
+def _bool_precision(name: str):
+    return flag("train.mixed_precision", name, f"false: tuneforge picks the precision (mixed_precision auto)")
+
+
+def _val_size(v):
+    v = float(v)
+    return {"data.eval_size": int(v)} if v >= 1 else {"data.eval_split": v}
+
+
+RULES: dict[str, Any] = {
+    "stage": _stage,
+    "do_train": ignored("`tuneforge train` trains"),
+    "model_name_or_path": to("model.path"),
+    "adapter_name_or_path": to("lora.init_from"),
+    "dataset": None,  # handled with dataset_dir / max_samples below
+    "dataset_dir": None,
+    "max_samples": None,
+    "template": lookup("model.chat_template", TEMPLATES, "template"),
+    "finetuning_type": _finetuning_type,
+    "quantization_bit": _quant_bit,
+    "lora_target": _lora_target,
+    "lora_rank": to("lora.r"),
+    "lora_alpha": to("lora.alpha"),
+    "lora_dropout": to("lora.dropout"),
+    "output_dir": to("output.dir"),
+    "overwrite_cache": ignored("tuneforge's data cache is keyed by content: changed data or settings are re-tokenized"),
+    "overwrite_output_dir": to("output.overwrite", bool),
+    "per_device_train_batch_size": to("train.micro_batch_size"),
+    "per_device_eval_batch_size": to("train.eval_batch_size"),
+    "gradient_accumulation_steps": to("train.grad_accum"),
+    "lr_scheduler_type": to("train.lr_scheduler"),
+    "logging_steps": to("train.log_every"),
+    "save_steps": to("train.save_every"),
+    "save_total_limit": to("train.keep_checkpoints"),
+    "eval_steps": to("train.eval_every"),
+    "learning_rate": to("train.lr", float),
+    "num_train_epochs": to("train.epochs", float),
+    "max_steps": to("train.max_steps"),
+    "warmup_steps": to("train.warmup_steps"),
+    "warmup_ratio": to("train.warmup_ratio"),
+    "weight_decay": to("train.weight_decay", float),
+    "max_grad_norm": to("train.max_grad_norm"),
+    "seed": to("train.seed"),
+    "neftune_noise_alpha": to("train.neftune_noise_alpha"),
+    "flash_attn": _flash_attn,
+    "bf16": _bool_precision("bf16"),
+    "fp16": _bool_precision("fp16"),
+    "cutoff_len": to("data.max_length"),
+    "val_size": _val_size,
+    "packing": to("data.packing", lambda v: "bins" if v else "off"),
+    "train_on_prompt": to("data.train_on", lambda v: "all" if v else "assistant"),
+    "default_system": to("data.system_prompt"),
+    "gradient_checkpointing": to("train.gradient_checkpointing", bool),
+    "disable_gradient_checkpointing": ignored("tuneforge leaves gradient checkpointing off unless asked"),
+    "optim": lookup("train.optimizer", OPTIMIZERS, "optimizer"),
+    "report_to": same_as({"none", "tensorboard"}, "tuneforge logs to TensorBoard; W&B needs tracking.wandb.project"),
+    "deepspeed": to("train.deepspeed"),
+    "plot_loss": ignored("tuneforge always writes RUN_DIR/loss.png"),
+    "trust_remote_code": to("model.trust_remote_code"),
+    "use_fast_tokenizer": ignored("tuneforge always uses the fast (Rust) tokenizer"),
+    "preprocessing_num_workers": to("data.num_proc"),
+    "hub_model_id": to("output.hub_model_id"),
+    "push_to_hub": empty_or(to("output.push_to_hub")),
+    "_script": ignored("the training script's name"),
+}
+
+
+def _datasets(t: Translator, args: dict[str, Any]) -> None:
+    names = [n.strip() for n in str(args.get("dataset", "")).split(",") if n.strip()]
+    info_dir = Path(str(args.get("dataset_dir", "data")))
+    info_file = info_dir / "dataset_info.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    for i, name in enumerate(names):
+        entry = info.get(name)
+        if entry and "file_name" in entry:
+            path, note = str(info_dir / entry["file_name"]), f"from {info_file}"
+        elif entry and ("hf_hub_url" in entry or "ms_hub_url" in entry):
+            path, note = entry.get("hf_hub_url") or entry["ms_hub_url"], f"hub dataset from {info_file}"
+        else:
+            path, note = name, "a LLaMA-Factory dataset name without dataset_info.json: used as a file or hub id"
+        t.apply(f"dataset[{i}]", name, lambda v, p=path: {f"data.train.{i}.path": p}, "")
+        t.rows[-1].note = note
+    if "dataset" not in args:
+        return
+    if "dataset_dir" in args:
+        t.apply("dataset_dir", args["dataset_dir"], ignored(f"read {info_file} to resolve dataset names"), "")
+    if "max_samples" in args:
+        t.apply("max_samples", args["max_samples"],
+                lambda v: {f"data.train.{i}.samples": int(v) for i in range(len(names))}, "")
+
+
+def translate(args: dict[str, Any], source: str = "LLaMA-Factory arguments") -> ImportResult:
+    script = args.get("_script", "")
+    if script == "export_model.py" or "export_dir" in args:
+        raise UserError(f"{source}: this is a LLaMA-Factory export (merge) command, not training: in tuneforge run "
+                        f"`tuneforge merge RUN_DIR --out {args.get('export_dir', 'DIR')}` on the run directory")
+    if args.get("do_predict") and not args.get("do_train"):
+        raise UserError(f"{source}: this is a LLaMA-Factory prediction command, not training: in tuneforge use "
+                        f"`tuneforge generate RUN_DIR --prompt ...` (or `tuneforge predict` when installed) on "
+                        f"{args.get('checkpoint_dir', 'the run directory')}")
+    t = Translator(source)
+    _datasets(t, args)
+    for key, value in args.items():
+        if key in ("dataset", "dataset_dir", "max_samples"):
+            continue
+        t.apply(key, value, RULES.get(key), f"unknown LLaMA-Factory argument {key!r}: no tuneforge equivalent")
+    return t.finish({"model.path": "model_name_or_path", "model": "model_name_or_path", "data.train": "dataset", "data": "dataset"})

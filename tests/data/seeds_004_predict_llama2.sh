@@ -1,0 +1,14 @@
+CUDA_VISIBLE_DEVICES=0 python src/train_bash.py \
+    --stage sft \
+    --model_name_or_path meta-llama/Llama-2-13b-chat-hf \
+    --do_predict \
+    --dataset alpaca_gpt4_en \
+    --template llama2 \
+    --finetuning_type lora \
+    --quantization_bit 4 \
+    --checkpoint_dir trained_model_sft \
+    --output_dir trained_model_output \
+    --per_device_eval_batch_size 1 \
+    --max_samples 10 \
+    --predict_with_generate \
+    --bf16

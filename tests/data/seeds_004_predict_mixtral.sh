@@ -1,0 +1,14 @@
+CUDA_VISIBLE_DEVICES=0 python src/train_bash.py \
+    --stage sft \
+    --model_name_or_path mistralai/Mixtral-8x7B-Instruct-v0.1 \
+    --do_predict \
+    --dataset alpaca_gpt4_en \
+    --template mistral \
+    --finetuning_type lora \
+    --quantization_bit 4 \
+    --checkpoint_dir trained_model_sft \
+    --output_dir trained_model_output \
+    --per_device_eval_batch_size 1 \
+    --max_samples 10 \
+    --predict_with_generate \
+    --bf16

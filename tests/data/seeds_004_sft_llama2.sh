@@ -1,0 +1,21 @@
+accelerate launch src/train_bash.py \
+    --stage sft \
+    --model_name_or_path meta-llama/Llama-2-13b-chat-hf \
+    --do_train \
+    --dataset alpaca_gpt4_en \
+    --template llama2 \
+    --finetuning_type lora \
+    --quantization_bit 4 \
+    --lora_target q_proj,v_proj \
+    --output_dir trained_model_sft \
+    --overwrite_cache \
+    --per_device_train_batch_size 2 \
+    --gradient_accumulation_steps 4 \
+    --lr_scheduler_type cosine \
+    --logging_steps 10 \
+    --save_steps 100000 \
+    --learning_rate 2e-5 \
+    --num_train_epochs 2.0 \
+    --neftune_noise_alpha 5 \
+    --flash_attn \
+    --bf16
