@@ -3,3 +3,4 @@
 Add a module here with one import line; keep imports inside command bodies lazy (`tuneforge --help`
 must not import torch).
 """
+from tuneforge.commands import serve  # noqa: F401,E402
