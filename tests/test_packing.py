@@ -52,9 +52,9 @@ def test_training_on_bins_takes_the_loss_of_the_same_samples_unpacked(tmp_path, 
     train_file = tiny.write_jsonl(tmp_path / "t.jsonl", tiny.reverse_rows(40, seed=6))
     r = recipe(tmp_path, llama_dir, train_file, "bins", data={"max_length": 96}, packing="bins", micro_batch_size=2, grad_accum=2)
     lengths = [len(s) for s in r.data.train]
-    assert len(r.units) < len(r.data.train)  # several samples per bin
-    assert r.steps_per_epoch == len(r.units) // 4
-    micro, _ = r._batches_for_step(0)
+    assert len(r.batcher.units) < len(r.data.train)  # several samples per bin
+    assert r.batcher.steps_per_epoch == len(r.batcher.units) // 4
+    micro = [mb.rows for mb in r.batcher.step(0).micro]
     assert len(micro) == 2 and all(len(rows) == 2 for rows in micro)  # micro_batch_size bins, one row each
     assert all(sum(len(s) for s in row) <= r.cfg.data.bin_tokens for rows in micro for row in rows)
     m = r.backward_step(0)

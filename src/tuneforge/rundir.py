@@ -1,11 +1,16 @@
 """A run directory describes itself: resolved config, versions, data fingerprint, metrics, artifacts.
 
-`merge`, `generate` and `chat` need only the directory.
+`RunDir` owns every path inside a run directory and the run's status:
+
+    running -> finished | failed (with the one-line error) | interrupted (with the reason)
+
+`merge`, `generate` and `chat` need only the directory. No other module builds a path inside a run dir.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -16,13 +21,14 @@ import yaml
 from tuneforge.errors import UserError
 
 RUN_INFO = "run_info.json"
+STATUSES = ("running", "finished", "failed", "interrupted")
 
 
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("tuneforge", "torch", "transformers", "peft", "accelerate", "tokenizers"):
+    for pkg in ("tuneforge", "torch", "transformers", "peft", "accelerate", "tokenizers", "bitsandbytes", "deepspeed"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -54,3 +60,123 @@ def update_run_info(run_dir: Path, **fields) -> dict:
 def write_config(run_dir: Path, cfg) -> None:
     # Secrets never live in the config (they come from env/.env), so the dump is safe to keep.
     (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one line: the user message when it is a user error, else `Type: first line`."""
+    from tuneforge.errors import user_message
+
+    msg = user_message(exc)
+    if msg is None:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return msg[:500]
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and the folder itself, so a rename after it publishes complete data."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunDir:
+    """Every path of one run directory, and its status transitions. Only the main process writes."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- paths ---------------------------------------------------------------------------------------
+    @property
+    def info_path(self) -> Path:
+        return self.root / RUN_INFO
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def data_report(self) -> Path:
+        return self.root / "data_report.json"
+
+    @property
+    def parity_samples(self) -> Path:
+        return self.root / "parity_samples.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def loss_png(self) -> Path:
+        return self.root / "loss.png"
+
+    def generate_eval(self, tag: str) -> Path:
+        return self.root / f"generate_eval_{tag}.json"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}"
+
+    def checkpoint_tmp(self, step: int) -> Path:
+        return self.checkpoints / f".step-{step:07d}.tmp"
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoints whose save finished (trainer.json is written last, then the folder renamed)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.glob("step-*") if (p / "trainer.json").is_file())
+
+    def latest_checkpoint(self) -> Path | None:
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+    # ---- info and status -----------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.info_path.is_file()
+
+    def info(self) -> dict:
+        return read_run_info(self.root)
+
+    @property
+    def status(self) -> str | None:
+        return self.info().get("status") if self.exists() else None
+
+    def update(self, **fields) -> dict:
+        return update_run_info(self.root, **fields)
+
+    def start(self, **fields) -> dict:
+        return self.update(status="running", error=None, started=time.strftime("%Y-%m-%dT%H:%M:%S"), **fields)
+
+    def finish(self, **fields) -> dict:
+        return self.update(status="finished", error=None, **fields)
+
+    def fail(self, exc: BaseException | str) -> dict:
+        return self.update(status="failed", error=exc if isinstance(exc, str) else one_line(exc))
+
+    def interrupt(self, reason: str = "interrupted") -> dict:
+        return self.update(status="interrupted", error=reason)
+
+    # ---- files ---------------------------------------------------------------------------------------
+    def write_json(self, path: Path, obj: Any) -> None:
+        write_json(path, obj)
+
+    def write_config(self, cfg) -> None:
+        write_config(self.root, cfg)

@@ -1,4 +1,4 @@
-"""LoRA via peft. One function: the config decides targets, rank and scale."""
+"""Fine-tuning methods as config: which parameters train (full, LoRA via peft)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,12 @@ def add_lora(model, cfg: LoraConfig):
     )
     return get_peft_model(model, peft_cfg)
 
+
+def prepare_for_training(model, cfg, tokenizer, log=print):
+    """The loaded base model -> the model to train: gradient checkpointing, then the method's trainable set."""
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if cfg.train.finetune == "lora":
+        model = add_lora(model, cfg.lora)
+    return model

@@ -1,65 +1,101 @@
-"""Checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG and data position.
+"""Checkpoints that resume exactly, through accelerate's collective `save_state` / `load_state`.
 
-Written to a temp dir and renamed, so a crash mid-save never leaves a checkpoint that looks complete.
+Every process takes part (DeepSpeed ZeRO and FSDP save their own shards; DDP saves on the main process),
+so the same code saves under every engine. A checkpoint folder `RUN/checkpoints/step-NNNNNNN/` holds:
+
+    model.safetensors        trainable weights only (plain DDP / one process: LoRA = adapter tensors only)
+                             - or the engine's own files (pytorch_model/ for DeepSpeed, FSDP shards)
+    optimizer.bin, scheduler.bin, random_states_<rank>.pkl   (accelerate; loaded with weights_only=True)
+    trainer.json             step, data fingerprint, batching signature: written last
+
+It is written to `.step-NNNNNNN.tmp`, fsynced, then renamed: a crash mid-save never leaves a folder that
+looks complete. The data position needs no state: the batcher derives it from (seed, step).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from tuneforge.errors import UserError
+from tuneforge.rundir import RunDir, fsync_tree, write_json
+
+MODEL_FILE = "model.safetensors"
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def install_trainable_only_hooks(accel) -> None:
+    """Save and load only the parameters that train (a LoRA checkpoint is MBs, not the whole base model).
+
+    Hooks only apply where accelerate saves a plain state dict (one process, DDP); DeepSpeed and FSDP
+    save through their engines and never call them with weights."""
+
+    def save_hook(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            keep = {n for n, p in model.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+
+    def load_hook(models, input_dir):
+        from safetensors.torch import load_file
+
+        path = Path(input_dir) / MODEL_FILE
+        if not models or not path.is_file():
+            return
+        import torch
+
+        for model in list(models):
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            saved = load_file(path)
+            if saved.keys() != params.keys():
+                missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+                raise UserError(f"--resume: {input_dir} holds other trainable weights than this run "
+                                f"(missing {missing[:3]}, unexpected {extra[:3]}); resume needs the same train/lora settings")
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name].to(p.device, p.dtype))
+            models.remove(model)  # loaded here: accelerate must not load it again
+
+    accel.register_save_state_pre_hook(save_hook)
+    accel.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
-    out = folder / f"step-{step:07d}"
-    tmp = folder / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
+def save(accel, run: RunDir, step: int, meta: dict, keep: int) -> Path:
+    """Collective: call on every process. Returns the checkpoint folder."""
+    out, tmp = run.checkpoint(step), run.checkpoint_tmp(step)
+    if accel.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accel.wait_for_everyone()
+    accel.save_state(str(tmp))
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        write_json(tmp / "trainer.json", {"step": step, **meta})
+        fsync_tree(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        for old in run.complete_checkpoints()[:-keep]:
+            shutil.rmtree(old)
+    accel.wait_for_everyone()
     return out
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    done = sorted(p for p in folder.glob("step-*") if (p / "trainer.json").is_file())
-    return done[-1] if done else None
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "trainer.json").read_text())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return json.loads((path / "trainer.json").read_text())
+def check_compatible(path: Path, fingerprint: str, batching: str) -> dict:
+    """Refuse a resume that would not continue the same run. Cheap: reads trainer.json only."""
+    meta = read_meta(path)
+    if meta.get("data_fingerprint") != fingerprint:
+        raise UserError(f"--resume: the data changed since {path.name} (fingerprint differs); resume needs the same data")
+    if meta.get("batching", batching) != batching:
+        raise UserError(f"--resume: {path.name} was saved with {meta['batching']} (data.packing, data.pack_length, "
+                        "train.micro_batch_size, train.grad_accum, processes); resume needs the same batching")
+    return meta
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load(accel, path: Path) -> None:
+    """Collective: restores model (trainable weights), optimizer, scheduler and every process's RNG.
+    accelerate loads optimizer/scheduler/RNG files with torch.load(weights_only=True)."""
+    accel.load_state(str(path))

@@ -1,0 +1,89 @@
+"""The step every recipe shares: forward/backward over one optimizer step's micro-batches, then the update.
+
+A recipe supplies two functions:
+
+    count(batch) -> int            how many units this micro-batch normalises over (target tokens for SFT,
+                                   pairs for DPO); counted for all micro-batches of all processes first
+    loss(model, batch) -> Tensor   the loss SUMMED over those units (a 0-d tensor), or (sum, {name: summed
+                                   metric tensor}) for extra metrics that are averaged the same way
+
+The gradient is d(sum over the whole step / total count), whatever the split into micro-batches and
+processes: batch 8 x accum 1 == batch 2 x accum 4 == 2 processes x batch 4.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+
+LossFn = Callable[[torch.nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def accumulate(accel, model, batches: list[dict], loss: LossFn, count: Callable[[dict], int],
+               tokens: Callable[[dict], int] | None = None) -> dict:
+    """Forward + backward over `batches` (this process's micro-batches of one step, already on device).
+
+    Gradient sync (DDP all-reduce) happens on the last micro-batch only. Returns the step's mean loss over
+    all processes, the totals it was normalised by, and any extra metrics (same normalisation)."""
+    device = accel.device
+    local = torch.tensor([sum(count(b) for b in batches), sum(tokens(b) for b in batches) if tokens else 0],
+                         device=device, dtype=torch.float64)
+    n_count, n_tokens = accel.reduce(local, reduction="sum").tolist()
+    if n_count == 0:
+        raise ValueError("this optimizer step has nothing to learn from (0 target units on every process)")
+    # DDP/ZeRO average gradients over processes; scaling by world size turns that back into a sum.
+    scale = accel.num_processes / n_count
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    extra: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with (nullcontext() if last else accel.no_sync(model)), accel.autocast():
+            out = loss(model, batch)
+        loss_sum, metrics = out if isinstance(out, tuple) else (out, {})
+        accel.backward(loss_sum * scale)
+        total += loss_sum.detach().double()
+        for k, v in metrics.items():
+            extra[k] = extra.get(k, 0) + v.detach().double()
+    summed = accel.reduce(torch.stack([total, *extra.values()]), reduction="sum").tolist() if extra else \
+        [accel.reduce(total, reduction="sum").item()]
+    result = {"loss": summed[0] / n_count, "target_tokens": int(n_count), "tokens": int(n_tokens)}
+    result.update({k: v / n_count for k, v in zip(extra, summed[1:])})
+    return result
+
+
+def update(accel, model, optimizer, scheduler, max_grad_norm: float | None) -> dict:
+    """Clip, step the optimizer and the schedule, clear grads. -> {grad_norm, lr} (lr used by this step)."""
+    lr = scheduler.get_last_lr()[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if max_grad_norm is None:
+        norm = accel.clip_grad_norm_(params, float("inf"))
+    else:
+        norm = accel.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(accel, model, batches: list[tuple[dict, bool]], loss: LossFn, count: Callable[[dict], int]) -> float:
+    """Mean loss over this rank's eval micro-batches, reduced over ranks: sum of losses / sum of counts.
+    `batches` are (batch, dummy) pairs; a dummy batch runs (sharded models need every rank) but is not counted."""
+    was_training = model.training
+    model.eval()
+    acc = torch.zeros(2, device=accel.device, dtype=torch.float64)
+    for batch, dummy in batches:
+        with accel.autocast():
+            out = loss(model, batch)
+        loss_sum = out[0] if isinstance(out, tuple) else out
+        if not dummy:
+            acc += torch.stack([loss_sum.detach().double(), torch.tensor(float(count(batch)), device=accel.device, dtype=torch.float64)])
+    model.train(was_training)
+    total, n = accel.reduce(acc, reduction="sum").tolist()
+    return total / n if n else float("nan")
