@@ -1,18 +1,26 @@
-"""Render a conversation ONCE with the chat template and derive the loss mask from character offsets.
+"""Render a conversation ONCE with the chat template and derive the loss mask from the template's structure.
 
-Peers re-render prefixes per turn and diff token ids; that breaks on templates that change earlier
-text when later turns are added. Here: one render, locate each message's content in the rendered
-string in order, and label the tokens that overlap assistant spans (+ the end-of-turn token).
+Where each message sits is learned from a second render of the same conversation in which every content
+(and every tool-call name) is a unique sentinel: the text between sentinels is the template's own text
+(headers, end-of-turn tokens, default system prompts, moved system messages). The real render is then read
+left to right against that structure, each content checked in place (verbatim, or trimmed the way templates
+trim). No content is ever searched for in the rendered text, so a reply that also occurs in the template
+("a", "model", "INST") or in another message cannot be misplaced. The sentinel render depends only on the
+conversation's shape (its roles), so for plain chats it is cached per shape: one real render per
+conversation, as before.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
 
 from tuneforge.data.formats import BadRow, Messages
 from tuneforge.data.templates import END_OF_TURN_TOKENS
 
 IGNORE = -100
+FIX = "(fix the row, or use a chat template that renders it)"
 
 
 @dataclass
@@ -21,83 +29,287 @@ class Encoded:
     labels: list[int]  # IGNORE where no loss is taken
     truncated: bool
     full_length: int = 0  # tokens before truncation
+    notes: tuple[str, ...] = ()  # what the template changed (e.g. dropped the system message), for the data report
 
 
 def render(tokenizer, messages: Messages, tools: list | None = None) -> str:
-    if (tools or any(m.get("tool_calls") for m in messages)) and "tool" not in (tokenizer.chat_template or ""):
-        raise BadRow("the chat template does not support tool calls: use a model/template with tool support (e.g. Qwen2.5, Llama 3.1+)")
     try:
         return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False)
-    except Exception as exc:  # jinja raise_exception() from templates, e.g. role alternation rules
-        raise BadRow(f"the chat template rejected this conversation: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - jinja raise_exception() from templates, e.g. role alternation rules
+        raise BadRow(f"the chat template rejected this conversation: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-_HEADERS: dict[tuple[int, str], str] = {}
+_HEADERS: dict[tuple, str] = {}
 
 
 def assistant_header(tokenizer) -> str:
     """The text a template puts before an assistant reply (the generation prompt), found by probing."""
-    key = (id(tokenizer), tokenizer.chat_template or "")
+    key = _template_key(tokenizer)
     if key not in _HEADERS:
         probe = [{"role": "user", "content": "probe"}]
-        with_prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        without = tokenizer.apply_chat_template(probe, tokenize=False)
+        try:
+            with_prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            without = tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that cannot render a lone user turn has no probe-able header
+            with_prompt = without = ""
         _HEADERS[key] = with_prompt[len(without):] if with_prompt.startswith(without) else ""
     return _HEADERS[key]
 
 
-def trained_spans(text: str, messages: Messages, train_on: str, end_tokens: tuple[str, ...], header: str = "") -> list[tuple[int, int]]:
-    """Character spans [start, end) of `text` that carry loss."""
-    if train_on == "all":
-        return [(0, len(text))]
-    spans, cursor = [], 0
+def _template_key(tokenizer) -> tuple:
+    # Everything a render depends on besides the messages: template text and the special tokens it may print.
+    return (tokenizer.chat_template or "", json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str))
+
+
+# ---- the template's structure -------------------------------------------------------------------------
+
+_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template treats them specially
+
+
+def _sentinel(k: int) -> str:
+    return f"\ue000{k}\ue001"
+
+
+@dataclass
+class Structure:
+    """A sentinel render cut at its sentinels: fixed[0] slot fixed[1] slot ... fixed[-1]."""
+    text: str
+    fixed: list[str]
+    order: list[int]  # slot ids in the order they appear
+    marks: list[tuple[int, int]]  # (start, end) of each appearance in `text`
+    slots: list[tuple[int, str]]  # slot id -> (message index, or -1 for the tools list; kind)
+
+
+def _marked(messages: Messages, tools: list | None, keep_empty: bool) -> tuple[list, list | None, list[tuple[int, str]]]:
+    """The conversation with every content / tool-call name / tool name replaced by a sentinel. Tools are
+    marked first so a prefix of the conversation numbers its slots the same way."""
+    slots: list[tuple[int, str]] = []
+
+    def mark(owner: int, kind: str) -> str:
+        slots.append((owner, kind))
+        return _sentinel(len(slots) - 1)
+
+    marked_tools = [_rename(t, lambda: mark(-1, "tool")) for t in tools] if tools else None
+    out = []
     for i, m in enumerate(messages):
-        content = (m.get("content") or "").strip()
-        if m["role"] == "assistant" and not content and m.get("tool_calls"):
-            # A tool call is rendered by the template (not verbatim): train from the assistant header to its end token.
-            at = text.find(header, cursor) if header else -1
-            start = at + len(header) if at >= 0 else cursor
-            end = _extend_to_end_token(text, start, messages, i, end_tokens)
-            spans.append((start, end))
-            cursor = end
+        m2 = dict(m)
+        content = m.get("content")
+        # An empty content is marked too (its slot says where the reply would be), unless the message carries
+        # tool calls (templates print a separator only when there is content) or this is the fallback render.
+        if isinstance(content, str) and (content.strip() or not (keep_empty or m.get("tool_calls"))):
+            m2["content"] = mark(i, "content")
+        if m.get("tool_calls"):
+            m2["tool_calls"] = [_rename(c, lambda i=i: mark(i, "call")) for c in m["tool_calls"]]
+        out.append(m2)
+    return out, marked_tools, slots
+
+
+def _rename(obj, new_name) -> dict:
+    """A tool or tool call ({"function": {"name"}} or flat {"name"}) with its name replaced."""
+    if not isinstance(obj, dict):
+        return obj
+    if isinstance(obj.get("function"), dict):
+        return {**obj, "function": {**obj["function"], "name": new_name()}}
+    return {**obj, "name": new_name()} if "name" in obj else obj
+
+
+def _slot_value(slot: tuple[int, str], k: int, messages: Messages, tools: list | None) -> str:
+    owner, kind = slot
+    if kind == "content":
+        return messages[owner]["content"]
+    if kind == "call":
+        calls = messages[owner]["tool_calls"]
+        return _name_of(calls[k])
+    return _name_of(tools[k])
+
+
+def _name_of(obj) -> str:
+    inner = obj.get("function") if isinstance(obj.get("function"), dict) else obj
+    return str(inner.get("name", ""))
+
+
+def _structure(tokenizer, messages: Messages, tools: list | None, keep_empty: bool) -> Structure:
+    marked, marked_tools, slots = _marked(messages, tools, keep_empty)
+    try:
+        text = tokenizer.apply_chat_template(marked, tools=marked_tools, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - content-dependent template checks (e.g. ids, alternation)
+        raise BadRow(f"the chat template rejected this conversation: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    fixed, order, marks, pos = [], [], [], 0
+    for m in _MARK.finditer(text):
+        fixed.append(text[pos : m.start()])
+        order.append(int(m.group(1)))
+        marks.append((m.start(), m.end()))
+        pos = m.end()
+    fixed.append(text[pos:])
+    return Structure(text, fixed, order, marks, slots)
+
+
+_SHAPES: dict[tuple, Structure] = {}
+
+
+def _shape_structure(tokenizer, key: tuple | None, messages: Messages, tools: list | None, keep_empty: bool, fresh: bool = False) -> Structure:
+    """Cached per conversation shape for plain chats (the sentinel render depends on roles only); rendered
+    per conversation when messages carry tool calls or other fields."""
+    if key is None or not all(m.keys() <= {"role", "content"} for m in messages) or tools:
+        return _structure(tokenizer, messages, tools, keep_empty)
+    shape = (key, keep_empty, tuple((m["role"], keep_empty and not m["content"].strip()) for m in messages))
+    if fresh or shape not in _SHAPES:
+        if len(_SHAPES) > 4096:
+            _SHAPES.clear()
+        _SHAPES[shape] = _structure(tokenizer, messages, tools, keep_empty)
+    return _SHAPES[shape]
+
+
+def _renderings(value: str):
+    """How templates print a content: as is, trimmed (jinja `trim`, Python strip / lstrip('\\n')), or JSON-escaped."""
+    seen = set()
+    for v in (value, value.strip(), value.lstrip(), value.rstrip(), value.strip("\n"), value.lstrip("\n"), value.rstrip("\n"),
+              json.dumps(value, ensure_ascii=False)[1:-1]):
+        if v not in seen:
+            seen.add(v)
+            yield v
+
+
+def _read(text: str, st: Structure, messages: Messages, tools: list | None) -> list[tuple[int, int]] | int | None:
+    """(start, end) in `text` of every slot appearance. When `text` does not follow the structure: the index
+    of the message whose slot does not fit (-1: the tools list), or None. Each slot is checked at the one
+    place the structure puts it: nothing is searched for."""
+    if not text.startswith(st.fixed[0]):
+        return None
+    pos, found, n = len(st.fixed[0]), [], len(st.order)
+    index = _slot_indices(st)
+    for k, sid in enumerate(st.order):
+        after = st.fixed[k + 1]
+        value = _slot_value(st.slots[sid], index[sid], messages, tools)
+        for cand in _renderings(value):
+            end = pos + len(cand)
+            if text.startswith(cand, pos) and text.startswith(after, end) and (k + 1 < n or end + len(after) == len(text)):
+                break
+        else:
+            return st.slots[sid][0]
+        found.append((pos, end))
+        pos = end + len(after)
+    return found if pos == len(text) else None
+
+
+def _slot_indices(st: Structure) -> list[int]:
+    """Per slot: its index among its message's tool calls (or among the tools); 0 for contents."""
+    out, count = [], {}
+    for owner, kind in st.slots:
+        if kind == "content":
+            out.append(0)
             continue
-        start = text.find(content, cursor) if content else cursor
-        if start < 0:
-            if m["role"] != "assistant":
-                continue  # e.g. tool results that a template re-encodes as JSON: no loss there anyway
-            raise BadRow(f"message {i} ({m['role']}) is not reproduced verbatim by the chat template")
-        end = start + len(content)
-        cursor = end
+        out.append(count.get((owner, kind), 0))
+        count[(owner, kind)] = out[-1] + 1
+    return out
+
+
+# ---- spans ----------------------------------------------------------------------------------------------
+
+def locate(tokenizer, messages: Messages, tools: list | None, text: str, train_on: str, key: tuple | None = None) -> tuple[list[tuple[int, int]], tuple[str, ...]]:
+    """Trained character spans [start, end) of `text` (each assistant message's content + its end-of-turn
+    token), and notes on what the template changed. Raises BadRow naming the message it cannot place."""
+    if train_on == "all":
+        return [(0, len(text))], ()
+    failed = None
+    # The cached shape first; a fresh render if the template printed something time-dependent (a date);
+    # then with empty contents left empty, for templates that branch on an empty message.
+    for keep_empty, fresh in ((False, False), (False, True), (True, True)):
+        if keep_empty and not any(isinstance(m.get("content"), str) and not m["content"].strip() for m in messages):
+            break
+        st = _shape_structure(tokenizer, key, messages, tools, keep_empty, fresh)
+        found = _read(text, st, messages, tools)
+        if isinstance(found, list):
+            spans, notes = _spans(tokenizer, text, st, found, messages, tools, keep_empty)
+            return (spans[-1:] if train_on == "last_assistant" else spans), notes
+        failed = found if failed is None else failed
+    where = ("the tools list" if failed == -1 else f"message {failed} ({messages[failed]['role']})") if failed is not None else "its fixed text"
+    raise BadRow(f"the chat template rewrites a message: {where} is not reproduced verbatim (or trimmed) where the template puts it {FIX}")
+
+
+def _spans(tokenizer, text: str, st: Structure, found: list, messages: Messages, tools: list | None, keep_empty: bool):
+    appear: dict[int, list[int]] = {}  # message index -> its slot appearances, in text order
+    for k, sid in enumerate(st.order):
+        appear.setdefault(st.slots[sid][0], []).append(k)
+    if tools and -1 not in appear:
+        raise BadRow(f"the chat template does not support tool calls: it does not render the tools list {FIX}")
+    spans, notes = [], []
+    for i, m in enumerate(messages):
+        ks = appear.get(i, [])
         if m["role"] != "assistant":
+            if not ks and isinstance(m.get("content"), str) and m["content"].strip():
+                notes.append(f"{m['role']} message dropped by the chat template")
             continue
-        end = _extend_to_end_token(text, end, messages, i, end_tokens)
-        spans.append((start, end))
-        cursor = end
-    if train_on == "last_assistant":
-        spans = spans[-1:]
-    return spans
+        kinds = [st.slots[st.order[k]][1] for k in ks]
+        if m.get("tool_calls") and "call" not in kinds:
+            raise BadRow(f"the chat template does not support tool calls: message {i} (assistant) has tool calls the template does not render {FIX}")
+        if not ks:
+            if keep_empty and not (m.get("content") or "").strip():
+                raise BadRow(f"empty assistant reply: message {i} is rendered differently when empty {FIX}")
+            raise BadRow(f"the chat template does not render a message: message {i} (assistant) is missing from the text {FIX}")
+        if kinds.count("content") > 1:
+            raise BadRow(f"the chat template renders a message twice: message {i} (assistant) appears {kinds.count('content')} times {FIX}")
+        first, last = ks[0], ks[-1]
+        start = found[first][0] if kinds[0] == "content" else _call_start(tokenizer, st, found, first, messages[:i], tools, keep_empty)
+        spans.append((start, _end_of_turn(tokenizer, found[last][1], st.fixed[last + 1])))
+    return spans, tuple(dict.fromkeys(notes))
 
 
-def _extend_to_end_token(text: str, end: int, messages: Messages, i: int, end_tokens: tuple[str, ...]) -> int:
-    """Include the first end-of-turn token that follows the reply, if it comes before the next message."""
-    following = (messages[i + 1].get("content") or "").strip() if i + 1 < len(messages) else ""
-    nxt = text.find(following, end) if following else -1
-    limit = nxt if nxt >= 0 else len(text)
+def _end_of_turn(tokenizer, end: int, after: str) -> int:
+    """Extend a reply to the first end-of-turn token in the template text that follows it (only there:
+    never into the next message)."""
     best = None
-    for tok in end_tokens:
-        pos = text.find(tok, end, limit)
-        if pos >= 0 and (best is None or pos < best[0]):
-            best = (pos, pos + len(tok))
-    return best[1] if best else end
+    for tok in END_OF_TURN_TOKENS + ((tokenizer.eos_token,) if tokenizer.eos_token else ()):
+        at = after.find(tok)
+        if at >= 0 and (best is None or at < best):
+            best, length = at, len(tok)
+    return end + best + length if best is not None else end
+
+
+def _call_start(tokenizer, st: Structure, found: list, first: int, before: Messages, tools, keep_empty: bool) -> int:
+    """Where an assistant turn that is only tool calls starts: where the render of the conversation so far
+    stops matching (the template's own text, compared sentinel render to sentinel render), after the
+    assistant header. Bounded by the previous slot and the first call's name."""
+    lo = st.marks[first - 1][1] if first else 0
+    hi = st.marks[first][0]
+    marked, marked_tools, _ = _marked(before, tools, keep_empty)
+    try:
+        prefix = tokenizer.apply_chat_template(marked, tools=marked_tools, tokenize=False) if marked else ""
+    except Exception:  # noqa: BLE001 - a template that refuses the shorter conversation: start after the previous slot
+        prefix = ""
+    cut = len(_common_prefix(prefix, st.text))
+    cut = min(max(cut, lo), hi)
+    header = assistant_header(tokenizer)
+    if header and st.text.startswith(header, cut) and cut + len(header) <= hi:
+        cut += len(header)
+    piece_start = found[first - 1][1] if first else 0  # the same fixed text starts here in the real render
+    return piece_start + (cut - lo)
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def trained_spans(tokenizer, text: str, messages: Messages, train_on: str, tools: list | None = None) -> list[tuple[int, int]]:
+    """Character spans [start, end) of `text` that carry loss."""
+    return locate(tokenizer, messages, tools, text, train_on, _template_key(tokenizer))[0]
 
 
 def render_with_spans(tokenizer, item, train_on: str, text: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """A conversation (list) or {"messages", "tools"} -> (rendered text, trained character spans)."""
+    return _render_item(tokenizer, item, train_on, text, _template_key(tokenizer))[:2]
+
+
+def _render_item(tokenizer, item, train_on: str, text: str | None, key: tuple) -> tuple[str, list, tuple]:
     messages, tools = (item["messages"], item.get("tools")) if isinstance(item, dict) else (item, None)
     text = text if text is not None else render(tokenizer, messages, tools)
-    end_tokens = tuple(t for t in END_OF_TURN_TOKENS + (tokenizer.eos_token or "",) if t and t in text)
-    header = assistant_header(tokenizer) if any(m.get("tool_calls") for m in messages) else ""
-    return text, trained_spans(text, messages, train_on, end_tokens, header)
+    spans, notes = locate(tokenizer, messages, tools, text, train_on, key)
+    return text, spans, notes
 
 
 CHUNK = 4096  # conversations per tokenizer call: large enough for Rust's threads, small enough to pipeline
@@ -130,7 +342,7 @@ def encode_chunks(tokenizer, items: list, train_on: str, max_length: int, in_fli
 
 
 def render_many(tokenizer, items: list, train_on: str) -> list:
-    """Items -> (text, trained spans) per conversation, (text, None) per corpus text, or BadRow."""
+    """Items -> (text, trained spans, notes) per conversation, (text, None, ()) per corpus text, or BadRow."""
     plain = [i for i, it in enumerate(items) if isinstance(it, list) and not any(m.get("tool_calls") for m in it)]
     texts: dict[int, str] = {}
     if plain:
@@ -139,9 +351,10 @@ def render_many(tokenizer, items: list, train_on: str) -> list:
         except Exception:  # noqa: BLE001 - a template rejected one conversation: render one by one to name it
             texts = {}
     out: list = []
+    key = _template_key(tokenizer)
     for i, item in enumerate(items):
         try:
-            out.append((item, None) if isinstance(item, str) else render_with_spans(tokenizer, item, train_on, texts.get(i)))
+            out.append((item, None, ()) if isinstance(item, str) else _render_item(tokenizer, item, train_on, texts.get(i), key))
         except BadRow as exc:
             out.append(exc)
     return out
@@ -169,7 +382,7 @@ def _to_encoded(tokenizer, rendered: list, encodings: list, max_length: int) -> 
             labels = list(ids)
         else:
             labels = label_tokens(enc, ids, r[1])
-        out.append(Encoded(ids[:max_length], labels[:max_length], len(ids) > max_length, len(ids)))
+        out.append(Encoded(ids[:max_length], labels[:max_length], len(ids) > max_length, len(ids), r[2]))
     return out
 
 
@@ -203,6 +416,6 @@ def _with_bos_eos(tokenizer, ids: list[int]) -> list[int]:
 def encode(tokenizer, messages, train_on: str, max_length: int, tools: list | None = None) -> tuple[str, Encoded]:
     """One conversation -> (rendered text, Encoded); raises BadRow."""
     item = {"messages": messages, "tools": tools} if tools else messages
-    rendered = [render_with_spans(tokenizer, item, train_on)]
+    rendered = [_render_item(tokenizer, item, train_on, None, _template_key(tokenizer))]
     return rendered[0][0], _to_encoded(tokenizer, rendered, _encode_texts(tokenizer, rendered), max_length)[0]
 
