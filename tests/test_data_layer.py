@@ -76,7 +76,7 @@ def test_custom_datasets_by_name_class_and_module_path(tmp_path, tokenizer):
         def get_sample(self, i):
             return {"prompt": f"colour {i}", "completion": ["red", "blue"][i]}
 
-    data = prep(tmp_path, tokenizer, [{"custom": "test-colours"}, {"custom": "custom_data:get_data", "options": {"n": 2}}])
+    data = prep(tmp_path, tokenizer, [{"custom": "test-colours"}, {"custom": "custom_data:get_data", "options": {"n": 2}}], allow_code=True)
     assert [s.messages[-1]["content"] for s in data.train] == ["red", "blue", "1", "2"]
     with pytest.raises(ValueError, match="already registered"):
         register_dataset("test-colours")(lambda: [])

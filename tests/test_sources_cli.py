@@ -50,7 +50,7 @@ def test_prepare_every_source_and_filter_via_cli(tmp_path, llama_dir):
         {"custom": "custom_data:get_data", "options": {"n": 2}}, {"path": str(d / "dirty.jsonl")},
     ]
     cfg = {"model": {"path": str(llama_dir)},
-           "data": {"train": train, "eval_size": 2, "cache_dir": str(tmp_path / "cache"), "on_bad_row": "skip", "max_length": 4096,
+           "data": {"train": train, "eval_size": 2, "cache_dir": str(tmp_path / "cache"), "on_bad_row": "skip", "max_length": 4096, "allow_code": True,
                     "clean": {"dedup": True, "drop_refusals": True}},
            "output": {"dir": str(tmp_path / "run")}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))

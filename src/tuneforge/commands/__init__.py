@@ -4,3 +4,4 @@ Add a module here with one import line; keep imports inside command bodies lazy 
 must not import torch).
 """
 from tuneforge.commands import serve  # noqa: F401,E402
+from tuneforge.commands import runs  # noqa: F401,E402

@@ -101,6 +101,8 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the run (error) or is counted and skipped.")
     cache_dir: str = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
     seed: int = Field(42, description="Seed for the train/eval split.")
+    allow_code: bool = Field(False, description="Let `custom: 'module:attr'` import and run Python code named by this config "
+                             "(such a config is code: only enable for configs you trust; or set TUNEFORGE_ALLOW_CODE=1).")
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -115,6 +117,17 @@ class DataConfig(Section):
         if self.pack_length is not None and self.pack_length < longest:
             raise ValueError(f"data.pack_length ({self.pack_length}) must hold the longest sample "
                              f"({'block_size' if self.group_texts else 'max_length'} = {longest}): raise it or lower that")
+        return self
+
+    @model_validator(mode="after")
+    def _code_needs_opt_in(self) -> "DataConfig":
+        # A config a user receives must not run arbitrary callables (e.g. subprocess:Popen) unless they opt in.
+        import os
+
+        refs = [s.custom for s in (*self.train, *self.eval) if s.custom and ":" in s.custom]
+        if refs and not self.allow_code and os.environ.get("TUNEFORGE_ALLOW_CODE") != "1":
+            raise ValueError(f"data: custom: {refs[0]!r} imports and runs Python code named by the config; set "
+                             "data.allow_code: true (or TUNEFORGE_ALLOW_CODE=1) only if you trust this config")
         return self
 
     @property
@@ -160,6 +173,10 @@ class TrainConfig(Section):
     eval_every: Optional[int] = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
     save_every: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (resumable with --resume).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    loss_watchdog_threshold: Optional[float] = Field(None, gt=0, description="Stop the run when the train loss stays above this for loss_watchdog_patience steps (NaN/inf always stops).")
+    loss_watchdog_patience: int = Field(3, ge=1, description="Consecutive logged steps above loss_watchdog_threshold before stopping.")
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop when eval loss has not improved for this many evals (needs eval_every).")
+    keep_best: bool = Field(False, description="Keep the checkpoint with the lowest eval loss (never deleted by keep_checkpoints) in RUN_DIR/best.")
     generate_eval: GenerateEval = Field(default_factory=GenerateEval, description="Greedy-generation accuracy on eval prompts, before and after.")
 
 
@@ -168,9 +185,22 @@ class OutputConfig(Section):
     overwrite: bool = Field(False, description="Allow training into a directory that already holds a finished run.")
 
 
+class WandbConfig(Section):
+    project: str = Field(description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B team or user.")
+    name: Optional[str] = Field(None, description="Run name (default: the run directory's name).")
+
+
+class MlflowConfig(Section):
+    uri: str = Field("file:./mlruns", description="Tracking URI: a server URL or file:PATH for a local store.")
+    experiment: str = Field("tuneforge", description="Experiment name.")
+
+
 class TrackingConfig(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files under RUN_DIR/tensorboard.")
     plot: bool = Field(True, description="Write RUN_DIR/loss.png at the end.")
+    wandb: Optional[WandbConfig] = Field(None, description="Log to Weights & Biases (opt-in; WANDB_MODE=offline works without network).")
+    mlflow: Optional[MlflowConfig] = Field(None, description="Log to MLflow (opt-in; a file:// uri needs no server).")
 
 
 class Config(Section):

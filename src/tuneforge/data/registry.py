@@ -8,6 +8,10 @@
 
 A class with `get_data(self)` or `get_sample(self, i)` + `__len__` works too. In the config:
 `data.train: [{custom: support-tickets}]` or `{custom: "my_pkg.data:get_data"}`.
+
+A `module:attr` reference makes the config code: loading it imports that module and calls that
+attribute (it could name `subprocess:Popen`). The config schema refuses such a reference unless the
+config sets `data.allow_code: true` or the environment sets TUNEFORGE_ALLOW_CODE=1.
 """
 
 from __future__ import annotations

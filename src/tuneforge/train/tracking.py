@@ -1,49 +1,219 @@
-"""Metrics: JSONL (the source of truth), TensorBoard, a loss PNG, and a live progress bar."""
+"""Metrics: JSONL (the source of truth), TensorBoard, opt-in W&B / MLflow, a loss PNG, a live progress bar.
+
+metrics.jsonl is strict JSON (a non-finite number is written as null with the key listed under
+"nonfinite"), appended line by line, and cut back on resume by writing a new file and renaming it,
+so a kill at any instant leaves either the old or the new history, never an empty one. A torn last
+line (a kill mid-append) is ignored when reading.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import time
+import uuid
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+METRICS = "metrics.jsonl"
+TRACKING_IDS = "tracking.json"
+
+
+def strict(values: dict) -> dict:
+    """Replace NaN/inf by null (JSON has no NaN) and say which keys were non-finite."""
+    out, bad = {}, []
+    for k, v in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+            bad.append(k)
+        else:
+            out[k] = v
+    if bad:
+        out["nonfinite"] = {k: repr(values[k]) for k in bad}
+    return out
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, allow_nan=False, default=str)
+
+
+def fsync_write(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically and durably: tmp file, fsync, rename, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 class Tracker:
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    """Everything a run logs goes through here (rank 0 only: pass enabled=False on other ranks)."""
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, tracking=None, config: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS
+        self.enabled, self.use_tb = enabled, tensorboard
+        self.tb = None
+        self.purge_step: int | None = None
+        self.tracking, self.config = tracking, config
+        self.wandb = self.mlflow = None
+        self._started = False
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the curve has no duplicate steps."""
-        if not self.path.is_file():
+        """On resume, keep only lines up to the checkpoint's step, so the curve has no duplicate steps."""
+        self.purge_step = step + 1  # TensorBoard drops events at or after this step from earlier attempts
+        if not self.enabled or not self.path.is_file():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [r for r in read_metrics(self.run_dir) if r["step"] <= step]
+        fsync_write(self.path, "".join(dumps(r) + "\n" for r in keep))
+
+    def _start(self) -> None:
+        """Open the sinks on first use (after truncate_after, so TensorBoard knows where a resume starts)."""
+        self._started = True
+        if self.use_tb:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
+        if self.tracking is not None and getattr(self.tracking, "wandb", None):
+            self.wandb = _start_wandb(self.tracking.wandb, self.run_dir, self.config or {})
+        if self.tracking is not None and getattr(self.tracking, "mlflow", None):
+            self.mlflow = _start_mlflow(self.tracking.mlflow, self.run_dir, self.config or {})
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:
             return
+        if not self._started:
+            self._start()
+        row = strict({"step": step, **values})
         with self.path.open("a") as fh:
-            fh.write(json.dumps({"step": step, **values}) + "\n")
+            fh.write(dumps(row) + "\n")
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k: float(v) for k, v in numbers.items()}, step=step)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         if self.tb:
             self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=0 if status == "finished" else 1)
+            self.wandb = None
+        if self.mlflow is not None:
+            self.mlflow.end_run({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+            self.mlflow = None
+
+
+def _tracking_ids(run_dir: Path) -> dict:
+    path = run_dir / TRACKING_IDS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_tracking_id(run_dir: Path, key: str, value: str) -> None:
+    ids = {**_tracking_ids(run_dir), key: value}
+    fsync_write(run_dir / TRACKING_IDS, json.dumps(ids))
+
+
+def _start_wandb(cfg, run_dir: Path, config: dict):
+    try:
+        import wandb
+    except ImportError:
+        from tuneforge.errors import UserError
+
+        raise UserError("tracking.wandb: the wandb package is not installed (pip install 'tuneforge[tracking]')") from None
+    # One W&B run per run directory: a resumed run continues it instead of starting a second one.
+    run_id = _tracking_ids(run_dir).get("wandb") or uuid.uuid4().hex[:12]
+    _save_tracking_id(run_dir, "wandb", run_id)
+    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id, resume="allow",
+                      dir=str(run_dir), config=config)
+
+
+def _start_mlflow(cfg, run_dir: Path, config: dict):
+    try:
+        import mlflow
+    except ImportError:
+        from tuneforge.errors import UserError
+
+        raise UserError("tracking.mlflow: the mlflow package is not installed (pip install 'tuneforge[tracking]')") from None
+    if cfg.uri.startswith("file:"):
+        # mlflow 3 refuses its file store unless told; a local folder is what a file: uri asks for.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(cfg.uri)
+    mlflow.set_experiment(cfg.experiment)
+    run_id = _tracking_ids(run_dir).get("mlflow")
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
+    if run_id is None:
+        _save_tracking_id(run_dir, "mlflow", run.info.run_id)
+        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
+    return mlflow
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+    """All complete rows of metrics.jsonl; a torn last line (killed mid-write) is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory of this process (GPU), or its peak resident memory on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Throughput:
+    """Tokens/s of the last step and (when the device's peak is known) model FLOPs utilisation."""
+
+    def __init__(self, flops_per_token: float | None = None, peak_flops: float | None = None):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.began = time.perf_counter()
+
+    def start(self) -> None:
+        self.began = time.perf_counter()
+
+    def stop(self, tokens: int) -> dict:
+        seconds = max(time.perf_counter() - self.began, 1e-9)
+        out = {"tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 4)}
+        if self.flops_per_token and self.peak_flops:
+            out["mfu"] = round(tokens / seconds * self.flops_per_token / self.peak_flops, 4)
+        return out
 
 
 def plot_loss(run_dir: Path) -> Path | None:
@@ -53,8 +223,8 @@ def plot_loss(run_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -72,6 +242,7 @@ def plot_loss(run_dir: Path) -> Path | None:
 
 
 def progress_bar(total: int, start: int) -> Progress:
+    """Loss, lr, tokens/s and ETA on a terminal (disabled when stderr is not a TTY; the recipe logs lines then)."""
     bar = Progress(
         TextColumn("[bold]train[/]"),
         BarColumn(),
@@ -80,6 +251,7 @@ def progress_bar(total: int, start: int) -> Progress:
         TextColumn("lr {task.fields[lr]}"),
         TextColumn("{task.fields[tps]} tok/s"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
         disable=not sys.stderr.isatty(),
     )
