@@ -1,0 +1,122 @@
+"""The job request: the serverless worker's shape (seed 001) or a native tuneforge config.
+
+    {"input": {"user_id", "model_id", "run_id", "credentials": {"wandb_api_key", "hf_token"}, "args": {axolotl keys}}}
+    {"config": {tuneforge config}, "run_id": "...", "credentials": {...}}
+
+Both become a `JobSpec`: a tuneforge config (validated, paths confined to the user's workspace), the
+import report, and credentials that only ever live in memory and in the job's environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+CREDENTIAL_ENV = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
+
+
+class Credentials(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    wandb_api_key: Optional[str] = Field(None, max_length=4096, description="Weights & Biases key (job env WANDB_API_KEY).")
+    hf_token: Optional[str] = Field(None, max_length=4096, description="Hugging Face token (job env HF_TOKEN).")
+
+    def env(self) -> dict[str, str]:
+        return {CREDENTIAL_ENV[k]: v for k, v in self.model_dump().items() if v}
+
+
+class SeedInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: Optional[str] = Field(None, max_length=64, description="Must match the token's user when given.")
+    model_id: Optional[str] = Field(None, max_length=128, description="A label for the trained model.")
+    run_id: Optional[str] = Field(None, max_length=256, description="Names the run folder; unique per user (letters, digits, . _ -).")
+    credentials: Credentials = Field(default_factory=Credentials)
+    args: dict[str, Any] = Field(description="axolotl-style training arguments.")
+
+
+class SeedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: SeedInput
+
+
+class NativeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: dict[str, Any] = Field(description="A tuneforge config (model, data, train, ...).")
+    run_id: Optional[str] = Field(None, max_length=256)
+    model_id: Optional[str] = Field(None, max_length=128)
+    credentials: Credentials = Field(default_factory=Credentials)
+
+
+class CredentialsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    credentials: Credentials
+
+
+class RequestError(Exception):
+    """A bad request: HTTP `status` with a list of {loc, msg} (loc = dotted field path)."""
+
+    def __init__(self, status: int, errors: list[dict[str, str]]):
+        super().__init__(errors[0]["msg"] if errors else "bad request")
+        self.status, self.errors = status, errors
+
+
+@dataclass
+class JobSpec:
+    config: dict[str, Any]
+    run_id: Optional[str]
+    model_id: Optional[str]
+    kind: str  # "seed" or "native"
+    credentials: dict[str, str] = field(default_factory=dict)  # env var -> value; memory only
+    report: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pydantic_errors(exc: ValidationError, prefix: tuple = ()) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (*prefix, *err["loc"]))
+        out.append({"loc": loc, "msg": err["msg"].removeprefix("Value error, "), "type": err["type"]})
+    return out
+
+
+def parse_request(body: Any, user: str) -> JobSpec:
+    """Validate the request's shape and translate it; raise RequestError(422/403) naming the field."""
+    if not isinstance(body, dict) or not ({"input", "config"} & set(body)):
+        raise RequestError(422, [{"loc": "body", "msg": "expected {\"input\": {...}} (worker request) or {\"config\": {...}} (tuneforge config)"}])
+    if "input" in body:
+        try:
+            req = SeedRequest.model_validate(body)
+        except ValidationError as exc:
+            raise RequestError(422, pydantic_errors(exc)) from None
+        inp = req.input
+        if inp.user_id not in (None, "", user):
+            raise RequestError(403, [{"loc": "input.user_id", "msg": f"this token acts as {user!r}, not {inp.user_id!r}"}])
+        from tuneforge.config.importers import translate
+        from tuneforge.errors import UserError
+
+        try:
+            result = translate(inp.args, "axolotl", "input.args")
+        except UserError as exc:
+            raise RequestError(422, [{"loc": "input.args", "msg": str(exc)}]) from None
+        rejected = [{"loc": f"input.args.{r['key']}", "msg": r["note"]} for r in result.report()
+                    if r["status"] == "not mapped" and r["note"].startswith("value not accepted")]
+        if rejected:  # a known key with a wrong value is an error here, not a silent fallback to the default
+            raise RequestError(422, rejected)
+        creds = {**result.env, **inp.credentials.env()}  # secrets found inside args move to the environment too
+        return JobSpec(result.config, inp.run_id, inp.model_id, "seed", creds, result.report())
+    try:
+        req = NativeRequest.model_validate(body)
+    except ValidationError as exc:
+        raise RequestError(422, pydantic_errors(exc)) from None
+    return JobSpec(req.config, req.run_id, req.model_id, "native", req.credentials.env())
+
+
+def validate_config(raw: dict[str, Any], loc_prefix: str) -> None:
+    """The tuneforge schema's verdict, as 422 errors with the full field path."""
+    from tuneforge.config.schema import Config
+
+    try:
+        Config.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestError(422, pydantic_errors(exc, (loc_prefix,) if loc_prefix else ())) from None
