@@ -21,6 +21,27 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
+MAX_NEW_TOKENS = 32_768  # far above any chat reply; the model's context length is checked once it is loaded
+
+
+def _finite(lo: float, hi: float, lo_open: bool = False):
+    """Option callback: a finite number in [lo, hi] (click's FloatRange lets nan through)."""
+    import math
+
+    def check(value: float) -> float:
+        if value is not None and (not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo)):
+            raise typer.BadParameter(f"{value} is not a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        return value
+
+    return check
+
+
+def _temperature():
+    return typer.Option(0.0, min=0.0, max=100.0, callback=_finite(0.0, 100.0), help="0 = greedy; higher = more random.")
+
+
+def _max_new_tokens(default: int):
+    return typer.Option(default, min=1, max=MAX_NEW_TOKENS, help="Most tokens generated per reply.")
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
@@ -65,9 +86,12 @@ def prepare(config: Path, overrides: Optional[List[str]] = SetOpt):
 
     from tuneforge.rundir import write_json
 
+    from tuneforge.outputs import check_prepare_dir, mark_output_dir
+
+    check_prepare_dir(cfg.run_dir, cfg.config_path, cfg.output.overwrite)
     tok = load_tokenizer(resolve_model_dir(cfg.model, console.print, need_weights=False), cfg.model)
     data = run_prepare(cfg.data, tok)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(cfg.run_dir, "run")
     write_json(cfg.run_dir / "data_report.json", data.report)
     _print_report(data)
     Console().print(f"report: {cfg.run_dir / 'data_report.json'}  cache: {cfg.data.cache_dir}/{data.fingerprint}")
@@ -96,7 +120,8 @@ def _print_report(data) -> None:
 
 @app.command()
 def merge(run_dir: Path, out: Optional[Path] = typer.Option(None, help="Output dir (default RUN_DIR/merged)."),
-          tolerance: float = typer.Option(1e-3, help="Max |logit difference| allowed between adapter and merged model."),
+          tolerance: float = typer.Option(1e-3, callback=_finite(0.0, 1e3, lo_open=True),
+                                          help="Max |logit difference| allowed between adapter and merged model."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merge at --out (only a tuneforge merge).")):
     """Fuse a LoRA adapter into full weights, loadable by plain transformers; checks logit parity."""
     from tuneforge.export.merge import merge as run_merge
@@ -108,7 +133,7 @@ def merge(run_dir: Path, out: Optional[Path] = typer.Option(None, help="Output d
 @app.command()
 def generate(path: Path, prompt: str = typer.Option(..., help="The user message."),
              system: Optional[str] = typer.Option(None, help="System prompt."),
-             max_new_tokens: int = typer.Option(128), temperature: float = typer.Option(0.0, help="0 = greedy.")):
+             max_new_tokens: int = _max_new_tokens(128), temperature: float = _temperature()):
     """Answer one prompt with a run dir, adapter dir or model dir."""
     from tuneforge.infer.chat import generate_once
 
@@ -117,7 +142,7 @@ def generate(path: Path, prompt: str = typer.Option(..., help="The user message.
 
 @app.command()
 def chat(path: Path, system: Optional[str] = typer.Option(None, help="System prompt."),
-         max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0)):
+         max_new_tokens: int = _max_new_tokens(256), temperature: float = _temperature()):
     """Interactive chat with streaming output (/reset, /exit)."""
     from tuneforge.infer.chat import chat_loop
 
@@ -126,9 +151,16 @@ def chat(path: Path, system: Optional[str] = typer.Option(None, help="System pro
 
 @config_app.command("validate")
 def config_validate(config: Path, overrides: Optional[List[str]] = SetOpt):
-    """Check CONFIG: unknown keys, bad values and impossible combinations. Exit 2 on error."""
-    _load(config, overrides)
-    Console().print(f"{config}: valid")
+    """Check CONFIG: unknown keys, bad values, impossible combinations, local paths. Exit 2 on error."""
+    from rich.markup import escape
+
+    from tuneforge.config.load import check_paths
+
+    skipped = check_paths(_load(config, overrides))
+    out = Console()
+    out.print(f"{escape(str(config))}: valid (schema, combinations, local paths exist and are readable)", highlight=False)
+    for note in skipped:
+        out.print(f"  not checked: {escape(note)}", highlight=False)
 
 
 @config_app.command("show")
@@ -148,7 +180,8 @@ def config_schema():
 
 
 @data_app.command("inspect")
-def data_inspect(config: Path, split: str = typer.Option("train", help="train or eval."), limit: int = typer.Option(3),
+def data_inspect(config: Path, split: str = typer.Option("train", help="train or eval."),
+                 limit: int = typer.Option(3, min=1, max=100_000, help="How many samples to show."),
                  as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {text, input_ids, labels}."),
                  overrides: Optional[List[str]] = SetOpt):
     """Show rendered samples with the trained tokens highlighted (needs only the tokenizer)."""

@@ -73,7 +73,38 @@ def user_message(exc: BaseException) -> str | None:
         return f"writing failed: no space left on device ({_OS_FIXES[errno.ENOSPC]})"
     if isinstance(exc, MemoryError):
         return "out of memory: lower train.micro_batch_size or data.max_length, or enable train.gradient_checkpointing"
+    return _library_message(exc)
+
+
+def _library_message(exc: BaseException) -> str | None:
+    """Library exceptions that always mean a bad input file. The call sites wrap them with the file's
+    name; this is the net under them, so a path we missed still gets one line, not a traceback."""
+    name, module = type(exc).__name__, type(exc).__module__
+    first = (str(exc).splitlines() or [""])[0][:200]
+    if name == "SafetensorError":
+        return f"a .safetensors file is truncated or not a safetensors file ({first}) (re-save or re-download the weights)"
+    if module.startswith("yaml") and _is_yaml_error(exc):
+        return f"a YAML file does not parse ({first}) (fix its syntax)"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start}) (re-save it as UTF-8)"
+    if name in ("BadGzipFile",) or (isinstance(exc, EOFError) and "compressed file" in first):
+        return f"a .gz file is not valid gzip ({first}) (re-compress it, or drop the .gz suffix)"
     return None
+
+
+def _is_yaml_error(exc: BaseException) -> bool:
+    import sys
+
+    yaml = sys.modules.get("yaml")
+    return yaml is not None and isinstance(exc, yaml.YAMLError)
+
+
+def usage_message(exc: BaseException) -> str:
+    """A command-line usage error (unknown command/option, missing or unparsable value) as one line."""
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "tuneforge"
+    text = " ".join(exc.format_message().split()) if hasattr(exc, "format_message") else str(exc)
+    return f"{where}: {text} (see '{where} --help')"
 
 
 def run_cli(invoke: Callable[[], object], console) -> int:
@@ -82,12 +113,14 @@ def run_cli(invoke: Callable[[], object], console) -> int:
     try:
         rv = invoke()
     except ParityError as exc:
-        console.print(f"[red]parity check failed:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[red]parity check failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except usage as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `tuneforge` alone: help was printed, not an error
             return 0
-        exc.show()
+        _print_error(console, usage_message(exc))
         return 2
     except exits as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
@@ -102,7 +135,23 @@ def run_cli(invoke: Callable[[], object], console) -> int:
             console.print("[red]internal error: this is a bug in tuneforge[/] (please report it with the traceback below)",
                           highlight=False)
             raise
-        console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+        _print_error(console, message)
         return 2
     return rv if isinstance(rv, int) else 0
 
+
+
+def _print_error(console, message: str) -> None:
+    """`error: <message>` on one line; the message is escaped (a user's '[x]' is text, not rich markup)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
+def decode_utf8(raw: bytes, where) -> str:
+    """UTF-8 text, or a one-line UserError naming the line of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{where}: not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}) (re-save the file as UTF-8)") from None

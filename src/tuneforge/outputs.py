@@ -20,6 +20,8 @@ from tuneforge.errors import UserError
 MARKER = ".tuneforge.json"
 # Files that identify artifacts written before markers existed (kept so old run dirs still count as ours).
 LEGACY_MARKERS = {"run": "run_info.json", "merged": "merge_report.json"}
+# What `prepare` leaves in a run folder before training: the folder is a run to be, not a run to protect.
+PREPARED_ONLY = {MARKER, "data_report.json"}
 
 
 def artifact_kind(path: Path) -> str | None:
@@ -69,8 +71,28 @@ def check_output_dir(path: str | Path, kind: str, overwrite: bool, flag: str, co
                         "(pick a new or empty folder)")
     if found != kind:
         raise UserError(f"{p}: holds a tuneforge {found}, not a {kind}; refusing to replace it (pick another output folder)")
-    if not overwrite and not allow_existing_kind:
+    if not overwrite and not allow_existing_kind and not (kind == "run" and _only_prepared(p)):
         raise UserError(f"{p}: already holds a {kind} (set {flag} to replace it, or pick another folder)")
+    return p
+
+
+def _only_prepared(p: Path) -> bool:
+    return {f.name for f in p.iterdir()} <= PREPARED_ONLY
+
+
+def check_prepare_dir(path: str | Path, config_path: Path | None = None, overwrite: bool = False) -> Path:
+    """`prepare` writes its data report into the run folder: a new, empty or prepared one, or an
+    unfinished run; never a finished run (its report would no longer describe its model) unless overwriting."""
+    p = check_output_dir(path, "run", False, "output.overwrite=true", config_path, allow_existing_kind=True)
+    info = p / LEGACY_MARKERS["run"]
+    if info.is_file() and not overwrite:
+        try:
+            status = json.loads(info.read_text()).get("status")
+        except (OSError, ValueError):
+            status = "unreadable"
+        if status == "finished":
+            raise UserError(f"{p}: holds a finished run; prepare would replace its data report (choose another output.dir, "
+                            "or set output.overwrite=true to retrain there)")
     return p
 
 

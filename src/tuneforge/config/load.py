@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,55 +12,124 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tuneforge.config.schema import Config
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, decode_utf8
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read YAML/JSON, apply overrides, validate. Relative paths in the config are relative to the working directory."""
     raw = read_config_file(path)
-    for item in overrides or []:
-        key, value = parse_overrides([item])[0]
+    for key, value in parse_overrides(overrides or []):
         set_dotted(raw, key, value)
     load_dotenv_secrets(Path(path).parent)
     cfg = validate(raw, source=str(path))
+    refuse_special_files(cfg)
     cfg._config_path = Path(path)
     return cfg
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"config file not found: {p} (pass the path to a .yaml or .json config)")
-    text = p.read_text(encoding="utf-8")
+    if not p.is_file():
+        raise UserError(f"{p}: not a regular file (a config is a .yaml or .json file, not a folder, pipe or device)")
+    text = decode_utf8(p.read_bytes(), p)
+    kind = "JSON" if p.suffix == ".json" else "YAML"
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        where = getattr(exc, "problem_mark", None) or getattr(exc, "lineno", None)
-        raise UserError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({where}): fix the syntax") from None
+        data = json.loads(text, object_pairs_hook=_json_no_duplicates(p)) if kind == "JSON" else yaml.load(text, Loader=StrictLoader)
+    except RecursionError:
+        raise UserError(f"{p}: nested too deeply to be a config (check the brackets)") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{p}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} (fix the syntax)") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{p}: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: the config must be a mapping of sections (model:, data:, train:, ...)")
     return data
+
+
+def yaml_problem(exc: Exception) -> str:
+    """One line: where and what, from a PyYAML error (its str() spans several lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if "constructor for the tag" in what:
+        what += "; configs use plain YAML, no !tags"
+    return f"not valid YAML{where}: {what} (fix the syntax)"
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain YAML lets the last one silently win)."""
+
+
+def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)  # resolves `<<: *anchor` merges first: a merge may be overridden on purpose
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value", key_node.start_mark) from None
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first at line {seen[key]}); keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _json_no_duplicates(p: Path):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise UserError(f"{p}: duplicate key '{key}' in one JSON object (keep one)")
+            out[key] = value
+        return out
+
+    return hook
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     """`train.lr=1e-4` -> ("train.lr", 0.0001); values are parsed as YAML scalars/lists."""
     out = []
     for item in items:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-        key, _, value = item.partition("=")
-        out.append((key.strip(), yaml.safe_load(value) if value != "" else None))
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=1e-4")
+        try:
+            parsed = yaml.load(value, Loader=StrictLoader) if value != "" else None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise UserError(f"--set {key}: value {value!r} is {yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else 'nested too deeply'}") from None
+        out.append((key, parsed))
     return out
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
+    """Set `a.b.0.c` in nested dicts/lists (a number indexes a list, e.g. data.train.0.path)."""
+    node: Any = raw
     parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is a list of {len(node)}; use an index 0..{len(node) - 1}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section (cannot set {where})")
 
 
 def load_dotenv_secrets(folder: Path) -> None:
@@ -94,9 +164,20 @@ def explain(err: dict[str, Any], root: type[BaseModel]) -> str:
         return f"unknown key '{dotted}' ({hint})"
     if kind == "missing":
         return f"missing required key '{dotted}'"
-    if kind == "value_error":
-        return err["msg"].removeprefix("Value error, ")
-    return f"{dotted}: {err['msg']} (got {err.get('input')!r})"
+    if kind in ("value_error", "assertion_error"):
+        msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        # Section validators name fields relative to their section: put the section's path in front.
+        if not loc or msg.startswith((dotted, loc[0] + ".", loc[0] + ":")):
+            return msg
+        return f"{dotted}.{msg}" if _names_field(msg) else f"{dotted}: {msg}"
+    got = repr(err.get("input"))
+    return f"{dotted}: {err['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
+
+
+def _names_field(msg: str) -> bool:
+    """'query: ...' or 'lr ...' -> the message starts with a field name (a lowercase identifier)."""
+    head = msg.split(":", 1)[0].split(" ", 1)[0]
+    return head.isidentifier() and head.islower() and ":" in msg[: len(head) + 1]
 
 
 def section_at(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
@@ -123,3 +204,69 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
             return found
     return None
 
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".html", ".htm", ".db", ".sqlite", ".sqlite3", ".sql", ".gz", ".gguf")
+
+
+def is_hub_id(path: str) -> bool:
+    """'org/name' (one slash, no file suffix): a hub id rather than a missing local path."""
+    return bool(HUB_ID.match(path)) and not path.lower().endswith(DATA_SUFFIXES)
+
+
+def _input_paths(cfg: Config) -> list[tuple[str, str]]:
+    """(config place, path) of every local file or folder the config reads."""
+    out = [("model.path", cfg.model.path)]
+    tpl = cfg.model.chat_template
+    if tpl and tpl.endswith((".jinja", ".j2")):
+        out.append(("model.chat_template", tpl))
+    for section in ("train", "eval"):
+        for i, spec in enumerate(getattr(cfg.data, section)):
+            if spec.path:
+                out.append((f"data.{section}.{i}.path", spec.path))
+    return out
+
+
+def _is_special(p: Path) -> bool:
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
+
+
+def refuse_special_files(cfg: Config) -> None:
+    """A pipe or device as an input would block forever (or read without end): refuse it up front."""
+    places = _input_paths(cfg) + [("data.cache_dir", cfg.data.cache_dir), ("output.dir", cfg.output.dir)]
+    for place, path in places:
+        if _is_special(Path(path).expanduser()):
+            raise UserError(f"{place}: {path} is a pipe, socket or device, not a file or folder (give a regular file or folder)")
+
+
+def check_paths(cfg: Config) -> list[str]:
+    """What `config validate` can check without loading anything heavy: local inputs exist and are
+    readable. Returns the checks it had to skip (hub ids, custom datasets, file contents)."""
+    import os
+
+    skipped = []
+    for place, path in _input_paths(cfg):
+        p = Path(path).expanduser()
+        if not p.exists():
+            if is_hub_id(path) and place != "model.chat_template":
+                skipped.append(f"{place} {path}: a hub id (not downloaded by validate)")
+                continue
+            raise UserError(f"{place}: {path} does not exist (check the path; relative paths start at the working directory)")
+        unreadable = not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK))
+        if unreadable:
+            raise UserError(f"{place}: {path} is not readable (check its permissions)")
+        if place == "model.path" and p.is_dir() and not any((p / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+            raise UserError(f"{place}: {path} is not a model directory (no config.json or tokenizer files)")
+    for section in ("train", "eval"):
+        for i, spec in enumerate(getattr(cfg.data, section)):
+            if spec.custom:
+                skipped.append(f"data.{section}.{i}.custom {spec.custom}: custom code is not run by validate")
+    skipped.append("file contents (rows, tokenizer, weights): run `tuneforge prepare` or `tuneforge data inspect` to check them")
+    return skipped

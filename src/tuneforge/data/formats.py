@@ -76,12 +76,19 @@ def from_alpaca(data: dict[str, Any]) -> Messages:
     instruction, output = data.get("instruction"), data.get("output")
     if not isinstance(instruction, str) or not isinstance(output, str):
         raise BadRow("alpaca rows need string fields 'instruction' and 'output'")
+    for key in ("input", "system"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise BadRow(f"alpaca field '{key}' must be a string, got {type(data[key]).__name__}")
+    history = data.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in history):
+        raise BadRow("alpaca field 'history' must be a list of [user, assistant] string pairs")
     prompt = instruction if not data.get("input") else f"{instruction}\n\n{data['input']}"
     out: Messages = []
     if data.get("system"):
-        out.append({"role": "system", "content": str(data["system"])})
-    for pair in data.get("history") or []:  # [[user, assistant], ...] earlier turns
-        out += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
+        out.append({"role": "system", "content": data["system"]})
+    for user, assistant in history:  # earlier turns
+        out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     return out + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
@@ -103,12 +110,24 @@ def from_text(data: dict[str, Any]) -> str:
 
 def from_oasst(data: dict[str, Any]) -> Messages:
     """An OpenAssistant message tree -> the conversation along the best-ranked reply at every level."""
-    node, out = data["prompt"], []
+    node, out, depth = data.get("prompt"), [], 0
+    if not isinstance(node, dict):
+        raise BadRow("oasst rows need a 'prompt' message tree ({role, text, replies})")
     while node:
+        if not isinstance(node, dict):
+            raise BadRow(f"oasst message at depth {depth} must be an object with role and text")
         if node.get("deleted"):
             break
-        out.append({"role": "user" if node.get("role") == "prompter" else "assistant", "content": str(node.get("text", ""))})
-        replies = [r for r in node.get("replies") or [] if not r.get("deleted")]
+        if not isinstance(node.get("text"), str):
+            raise BadRow(f"oasst message at depth {depth} has no string 'text' (got {type(node.get('text')).__name__})")
+        if node.get("role") not in ("prompter", "assistant"):
+            raise BadRow(f"oasst message at depth {depth} has role {node.get('role')!r} (expected prompter or assistant)")
+        out.append({"role": "user" if node["role"] == "prompter" else "assistant", "content": node["text"]})
+        replies = node.get("replies") or []
+        if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
+            raise BadRow(f"oasst message at depth {depth}: 'replies' must be a list of messages")
+        replies = [r for r in replies if not r.get("deleted")]
+        depth += 1
         node = min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0)) if replies else None
     while out and out[-1]["role"] != "assistant":  # a conversation ends on an answer
         out.pop()
@@ -122,7 +141,7 @@ def _side(value: Any, where: str) -> Messages:
     if isinstance(value, dict) and "from" in value:
         return from_sharegpt({"conversations": [value]})
     if isinstance(value, dict) and "role" in value:
-        return [{"role": value["role"], "content": str(value["content"])}]
+        return from_messages({"messages": [value]})
     if isinstance(value, list):
         return from_messages({"messages": value})
     raise BadRow(f"field '{where}' must be a string, a message or a list of messages")
@@ -142,6 +161,8 @@ def _hh_transcript(text: str) -> Messages:
 def from_preference(data: dict[str, Any]) -> dict[str, Messages]:
     """prompt + chosen/rejected, conversations + chosen/rejected, or two full hh-rlhf transcripts."""
     if "prompt" in data:
+        if not isinstance(data["prompt"], (str, list)):
+            raise BadRow("field 'prompt' must be a string or a list of messages")
         prompt = [{"role": "user", "content": data["prompt"]}] if isinstance(data["prompt"], str) else from_messages({"messages": data["prompt"]})
     elif "conversations" in data:
         prompt = from_sharegpt(data)
@@ -168,18 +189,29 @@ def from_tool_calls(data: dict[str, Any]) -> dict[str, Any]:
             tools = json.loads(tools) if tools.strip() else []
         except json.JSONDecodeError:
             raise BadRow("field 'tools' is not valid JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRow("field 'tools' must be a list of function schemas (objects)")
     tools = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools]
+    turns = data.get("conversations")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise BadRow("field 'conversations' must be a non-empty list of {from, value}")
     out: Messages = []
-    for i, t in enumerate(data.get("conversations") or []):
+    for i, t in enumerate(turns):
         kind, value = t.get("from"), t.get("value")
         if kind == "function_call":
             try:
                 call = json.loads(value)
             except (json.JSONDecodeError, TypeError):
                 raise BadRow(f"conversations[{i}]: function_call value is not JSON") from None
+            except RecursionError:
+                raise BadRow(f"conversations[{i}]: function_call value is nested too deeply") from None
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise BadRow(f"conversations[{i}]: function_call value must be a JSON object with a string 'name'")
             out.append({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": call.get("name"), "arguments": call.get("arguments", {})}}]})
         elif kind == "observation":
-            out.append({"role": "tool", "content": str(value)})
+            if not isinstance(value, str):
+                raise BadRow(f"conversations[{i}]: observation value must be a string")
+            out.append({"role": "tool", "content": value})
         else:
             out += from_sharegpt({"conversations": [t]})
     return {"messages": out, "tools": tools}
@@ -198,6 +230,8 @@ def to_conversation(row: Row, fmt: str, system_prompt: str | None, columns: dict
                     roles: dict[str, str] | None = None) -> Messages | str | dict:
     """One row -> messages; a plain string (`text`); {"messages", "tools"} (`tool_calls`); or
     {"prompt", "chosen", "rejected"} (`preference`). Raises BadRow with a reason."""
+    if row.problem:
+        raise BadRow(row.problem)
     data = {columns.get(k, k): v for k, v in row.data.items()} if columns else row.data
     name = detect_format(data) if fmt == "auto" else fmt
     if name == "text":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, decode_utf8
 
 
 @dataclass
@@ -15,6 +15,7 @@ class Row:
     data: dict[str, Any]
     file: str
     number: int  # 1-based line (jsonl) or element index (json)
+    problem: str | None = None  # a shape problem found while reading (e.g. a CSV row with extra fields): a bad row
 
     @property
     def where(self) -> str:
@@ -47,6 +48,8 @@ def read_rows(path: str, text_unit: str = "file", query: str | None = None) -> I
             yield from read_rows(str(f), text_unit, query)
         return
     if not p.is_file():
+        if p.exists():  # a pipe would block forever, a device never ends
+            raise UserError(f"{path}: a pipe, socket or device, not a data file (give a regular file or folder)")
         raise UserError(f"data file not found: {path} (check data.train / data.eval paths)")
     suffix = _suffix(p)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
@@ -68,22 +71,40 @@ def _suffix(p: Path) -> str:
 
 
 def _read_text(p: Path) -> str:
+    """The file's text: gunzipped when it ends in .gz; a one-line error when it is not gzip or not UTF-8."""
+    raw = p.read_bytes()
     if p.suffix == ".gz":
         import gzip
+        import zlib
 
-        with gzip.open(p, "rt", encoding="utf-8") as fh:
-            return fh.read()
-    return p.read_text(encoding="utf-8")
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UserError(f"{p}: not a valid gzip file ({exc}) (re-compress it, or drop the .gz suffix)") from None
+    return decode_utf8(raw, p)
 
 
 def _read_csv(p: Path) -> Iterator[Row]:
     import csv
-
     import io
 
-    reader = csv.DictReader(io.StringIO(_read_text(p), newline=""), delimiter="\t" if _suffix(p) == ".tsv" else ",")
-    for n, rec in enumerate(reader, start=2):  # row 1 is the header
-        yield Row(dict(rec), str(p), n)
+    # strict: an unclosed quote is an error, not the rest of the file swallowed into one field.
+    reader = csv.reader(io.StringIO(_read_text(p), newline=""), delimiter="\t" if _suffix(p) == ".tsv" else ",", strict=True)
+    try:
+        header = next(reader, None)
+        if not header:
+            return
+        if len(set(header)) != len(header) or not all(h.strip() for h in header):
+            raise UserError(f"{p} line 1: the header needs unique, non-empty column names (got {header})")
+        for fields in reader:
+            n = reader.line_num
+            if not fields:
+                continue
+            problem = None if len(fields) == len(header) else (
+                f"has {len(fields)} fields but the header has {len(header)} (quote fields that contain the delimiter)")
+            yield Row(dict(zip(header, fields)), str(p), n, problem)
+    except csv.Error as exc:
+        raise UserError(f"{p} line {reader.line_num}: malformed CSV ({exc}) (check for an unclosed quote)") from None
 
 
 def _read_parquet(p: Path) -> Iterator[Row]:
@@ -98,7 +119,7 @@ def _read_parquet(p: Path) -> Iterator[Row]:
 
 
 def _read_txt(p: Path, unit: str) -> Iterator[Row]:
-    text = p.read_text(encoding="utf-8")
+    text = _read_text(p)
     if unit == "file":
         yield Row({"text": text}, str(p), 1)
         return
@@ -115,6 +136,8 @@ def _read_jsonl(p: Path) -> Iterator[Row]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{p} row {n}: invalid JSON ({exc.msg}): fix or remove the line") from None
+        except RecursionError:
+            raise UserError(f"{p} row {n}: JSON nested too deeply to be a training row (flatten it)") from None
         if not isinstance(obj, dict):
             raise UserError(f"{p} row {n}: expected a JSON object per line, got {type(obj).__name__}")
         yield Row(obj, str(p), n)
@@ -125,6 +148,8 @@ def _read_json(p: Path) -> Iterator[Row]:
         obj = json.loads(_read_text(p))
     except json.JSONDecodeError as exc:
         raise UserError(f"{p}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{p}: JSON nested too deeply to be training data (flatten it)") from None
     if isinstance(obj, dict):  # dict of columns -> rows
         keys = list(obj)
         lengths = {len(v) for v in obj.values() if isinstance(v, list)}
@@ -157,7 +182,7 @@ def _read_sql(p: Path, query: str | None) -> Iterator[Row]:
     if p.suffix == ".sql":
         con = sqlite3.connect(":memory:")
         try:
-            con.executescript(p.read_text(encoding="utf-8"))
+            con.executescript(_read_text(p))
         except sqlite3.Error as exc:
             raise UserError(f"{p}: the SQL dump does not load into SQLite ({exc})") from None
     else:

@@ -6,7 +6,28 @@ import sys
 from threading import Thread
 
 from tuneforge.data.templates import stop_token_ids
+from tuneforge.errors import UserError
 from tuneforge.model.generate import generate_batch, prompt_ids
+
+
+def context_length(model) -> int | None:
+    """Positions the model was built for (None when its config does not say)."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits(model, n_prompt: int, max_new_tokens: int) -> None:
+    """Generating past the model's context is garbage at best and a hang or an overflow at worst: refuse it."""
+    limit = context_length(model)
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        room = limit - n_prompt
+        fix = f"use --max-new-tokens {room} or less" if room > 0 else "shorten the prompt or the system prompt"
+        raise UserError(f"--max-new-tokens {max_new_tokens}: the prompt ({n_prompt} tokens) plus the reply must fit the "
+                        f"model's context of {limit} tokens ({fix})")
 
 
 def generate_once(path: str, prompt: str, system: str | None, max_new_tokens: int, temperature: float) -> str:
@@ -14,6 +35,7 @@ def generate_once(path: str, prompt: str, system: str | None, max_new_tokens: in
 
     model, tokenizer, _ = load_trained(path)
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    check_fits(model, len(prompt_ids(tokenizer, msgs)), max_new_tokens)
     return generate_batch(model, tokenizer, [msgs], max_new_tokens, temperature=temperature)[0]
 
 
@@ -38,6 +60,12 @@ def chat_loop(path: str, system: str | None, max_new_tokens: int, temperature: f
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
         ids = torch.tensor([prompt_ids(tokenizer, history)])
+        try:
+            check_fits(model, ids.shape[1], max_new_tokens)
+        except UserError as exc:  # the conversation outgrew the context: say so, keep the session
+            history.pop()
+            out.write(f"error: {exc} (or /reset the conversation)\n")
+            continue
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=streamer,
                       eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,

@@ -114,3 +114,23 @@ def load_model(source: str, cfg: ModelConfig | None = None, dtype: str = "auto")
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a model from {source}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        raise weights_error(source, exc) from None
+
+
+def weights_error(folder: str | Path, exc: Exception) -> Exception:
+    """A corrupt .safetensors file -> a UserError naming it (safetensors' own error names no file);
+    any other exception is returned unchanged (a bug: re-raised with its traceback)."""
+    if type(exc).__name__ != "SafetensorError":
+        return exc
+    from safetensors import safe_open
+
+    bad = Path(folder)
+    for f in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:  # noqa: BLE001 - any failure to open the header is what we are looking for
+            bad = f
+            break
+    return UserError(f"{bad}: truncated or not a safetensors file ({str(exc).splitlines()[0]}) (re-save or re-download the weights)")

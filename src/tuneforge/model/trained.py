@@ -44,8 +44,13 @@ def load_trained(path: str | Path, dtype: str = "auto"):
     if d["kind"] == "lora":
         from peft import PeftModel
 
+        from tuneforge.model.load import weights_error
+
         base = load_model(d["base"], dtype=dtype)
-        model = PeftModel.from_pretrained(base, str(d["weights"]))
+        try:
+            model = PeftModel.from_pretrained(base, str(d["weights"]))
+        except Exception as exc:  # noqa: BLE001 - a corrupt adapter file is a user error; anything else re-raises
+            raise weights_error(d["weights"], exc) from None
     else:
         model = load_model(str(d["weights"]), dtype=dtype)
     model.eval()
