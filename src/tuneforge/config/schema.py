@@ -22,6 +22,7 @@ class Section(BaseModel):
 MAX_TOKENS = 1 << 20  # tokens per sample / block / bin
 MAX_COUNT = 10**9  # steps, samples
 MAX_SEED = 2**32 - 1  # numpy's seed range
+DEEPSPEED_PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")  # files in train/deepspeed/
 SQL_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".sql")
 _VAR = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -62,6 +63,11 @@ class ModelConfig(Section):
         None, description="Override the tokenizer's chat template: a built-in name (chatml, llama3, alpaca, ...), a .jinja file, or a jinja string."
     )
     pad_token: Optional[str] = Field(None, description="Pad token to use when the tokenizer has none (default: its EOS token).")
+    add_tokens: list[str] = Field(default_factory=list, description="New special tokens added to the tokenizer; the embeddings grow (new rows = mean of the old) and train.")
+    quantize: Optional[Literal["4bit", "8bit"]] = Field(None, description="Load the base quantized with bitsandbytes (QLoRA = finetune: lora + quantize: 4bit).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (quantize: 4bit).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bits/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the 4-bit matmuls; auto = bf16 on a capable GPU, fp32 on CPU.")
 
     _path = field_validator("path", mode="before")(expand_path)
 
@@ -82,8 +88,9 @@ class DatasetSpec(Section):
     path: Optional[str] = Field(None, description="A file (.jsonl .json .csv .tsv .parquet .txt .html .db .sql), a directory, a save_to_disk dir, or a hub dataset id.")
     custom: Optional[str] = Field(None, description="A registered custom dataset name or 'module:attr' (instead of path).")
     options: dict = Field(default_factory=dict, description="Keyword options passed to a custom dataset.")
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "input_output", "text", "oasst", "preference", "tool_calls"] = Field(
-        "auto", description="Row format; auto detects from the row's keys (text = plain corpus, all tokens trained)."
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "input_output", "text", "oasst", "preference", "tool_calls", "kto"] = Field(
+        "auto", description="Row format; auto detects from the row's keys (text = plain corpus, all tokens trained; "
+        "preference = prompt/conversations + chosen/rejected; kto = messages + boolean label)."
     )
     columns: dict[str, str] = Field(default_factory=dict, description="Rename columns to the format's names, e.g. {question: prompt, answer: completion}.")
     roles: dict[str, str] = Field(default_factory=dict, description="ShareGPT role map additions, e.g. {bot: assistant, person: user}.")
@@ -155,6 +162,9 @@ class DataConfig(Section):
     num_proc: int = Field(1, ge=1, le=1024, description="Worker processes for rendering + tokenizing. 1 already keeps every core busy tokenizing (Rust threads); more helps on many-core machines with large data.")
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Dedup, filters, language and diversity selection.")
     on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the run (error) or is counted and skipped.")
+    pair_truncation: Literal["completion_first", "prompt_first"] = Field(
+        "completion_first", description="Preference pairs / KTO rows longer than max_length: completion_first keeps the prompt "
+        "and cuts the completions' ends; prompt_first first drops the prompt's oldest tokens (down to max_length/2).")
     cache_dir: str = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for the train/eval split.")
     allow_code: bool = Field(False, description="Let `custom: 'module:attr'` import and run Python code named by this config "
@@ -211,6 +221,11 @@ class LoraConfig(Section):
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (q_proj, v_proj, ...)."
     )
+    rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r (stable at high rank).")
+    dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (a trained magnitude per output).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained fully and saved with the adapter (e.g. lm_head, embed_tokens).")
+    layers_to_transform: Optional[list[int]] = Field(None, description="Adapt only these decoder layer indices (default: all).")
+    init_from: Optional[str] = Field(None, description="Start from an existing LoRA adapter directory (its adapter_config decides r, targets, ...).")
 
     @field_validator("target_modules")
     @classmethod
@@ -218,6 +233,11 @@ class LoraConfig(Section):
         if isinstance(v, list) and (not v or not all(m.strip() for m in v)):
             raise ValueError("give 'all-linear' or a non-empty list of module names")
         return v
+
+
+class FreezeConfig(Section):
+    layers: Optional[int] = Field(None, ge=1, le=10_000, description="finetune: freeze - train only the top (last) N decoder layers.")
+    modules: list[str] = Field(default_factory=list, description="finetune: freeze - also train parameters whose name matches one of these regexes (e.g. 'lm_head', 'mlp').")
 
 
 class GenerateEval(Section):
@@ -229,21 +249,39 @@ class GenerateEval(Section):
 
 
 class TrainConfig(Section):
-    finetune: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or all weights.")
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="Training method: sft (supervised), or preference training on chosen/rejected data: dpo, orpo, simpo, kto (see `preference:`).")
+    finetune: Literal["lora", "full", "freeze"] = Field("lora", description="Train a LoRA adapter, all weights, or only some (freeze: see train.freeze).")
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="finetune: freeze - which parameters train; everything else is frozen.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "lion", "lion_8bit", "sgd", "adagrad"] = Field(
+        "adamw", description="Optimizer: adamw (torch; fused on GPU), adamw_8bit / paged_adamw_8bit / lion / lion_8bit (bitsandbytes), adafactor (transformers), sgd, adagrad.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     epochs: float = Field(1.0, gt=0, le=10_000, description="Passes over the training data (fractions allowed).")
     max_steps: Optional[int] = Field(None, ge=1, le=MAX_COUNT, description="Stop after this many optimizer steps (overrides epochs).")
     micro_batch_size: int = Field(4, ge=1, le=65_536, description="Samples per forward pass per process.")
+    micro_batch_tokens: Optional[int] = Field(
+        None, ge=8, le=1_048_576, description="Token budget per forward pass instead of a sample count: each micro-batch is "
+        "one padding-free row of whole samples filling up to this many tokens (best-fit bins). Keeps a GPU busy; "
+        "sets data.packing: bins, data.pack_length and micro_batch_size: 1.")
     grad_accum: int = Field(1, ge=1, le=65_536, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Schedule after warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = Field(
+        "cosine", description="Schedule after warmup: cosine / linear decay to 0, constant (no warmup), constant_with_warmup, cosine_with_min_lr (to lr x min_lr_ratio).")
+    min_lr_ratio: float = Field(0.1, ge=0, lt=1, description="cosine_with_min_lr: final lr as a fraction of the peak.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing (0 = off).")
+    neftune_alpha: Optional[float] = Field(None, gt=0, le=1000, description="NEFTune: uniform noise of scale alpha/sqrt(tokens x hidden) on input embeddings while training (e.g. 5).")
+    compile: bool = Field(False, description="torch.compile the model (opt-in; pays off on GPU for long runs).")
+    tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere+ GPUs (faster fp32, ~10-bit mantissa).")
     warmup_steps: Optional[int] = Field(None, ge=0, le=MAX_COUNT, description="Warmup steps (overrides warmup_ratio).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of total steps.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm (null = off).")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for init, data order and dropout.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto = bf16 on a capable GPU, none on CPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory by recomputing activations.")
+    deepspeed: Optional[str] = Field(None, description=f"DeepSpeed ZeRO through accelerate: a preset ({', '.join(DEEPSPEED_PRESETS)}) or a DeepSpeed JSON file.")
+    fsdp: bool = Field(False, description="Shard weights, gradients and optimizer state with PyTorch FSDP2 through accelerate (GPUs).")
     log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
     eval_every: Optional[int] = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
     save_every: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (resumable with --resume).")
@@ -270,6 +308,43 @@ class TrainConfig(Section):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) >= max_steps ({self.max_steps}): the run would end "
                              "before the learning rate peaks (lower warmup_steps)")
         return self
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> "TrainConfig":
+        if self.deepspeed and self.fsdp:
+            raise ValueError("train.deepspeed and train.fsdp both set: pick one engine")
+        if self.deepspeed and self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
+            raise ValueError(f"train.deepspeed: {self.deepspeed!r} is not a preset ({', '.join(DEEPSPEED_PRESETS)}) or a .json file")
+        return self
+
+    @model_validator(mode="after")
+    def _method_options_fit(self) -> "TrainConfig":
+        warm = bool(self.warmup_steps) or self.warmup_ratio > 0
+        if self.lr_scheduler == "constant" and warm:
+            raise ValueError("lr_scheduler: constant has no warmup; use constant_with_warmup (or remove the warmup)")
+        if "min_lr_ratio" in self.model_fields_set and self.lr_scheduler != "cosine_with_min_lr":
+            raise ValueError(f"min_lr_ratio applies to lr_scheduler: cosine_with_min_lr, not {self.lr_scheduler}")
+        if self.finetune == "freeze" and not (self.freeze.layers or self.freeze.modules):
+            raise ValueError("finetune: freeze needs train.freeze.layers (top N layers) and/or train.freeze.modules (name regexes)")
+        if self.finetune != "freeze" and self.freeze.model_fields_set:
+            raise ValueError(f"train.freeze applies to finetune: freeze, not {self.finetune} (remove it or set finetune: freeze)")
+        return self
+
+
+class PreferenceConfig(Section):
+    """Preference training (train.method dpo / orpo / simpo / kto); names and defaults follow TRL."""
+
+    beta: Optional[float] = Field(None, gt=0, description="Strength of the preference term; default per method: dpo 0.1, simpo 2.0, kto 0.1 (orpo uses orpo_lambda).")
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = Field("sigmoid", description="DPO loss: sigmoid (DPO; cDPO with label_smoothing), robust (rDPO), ipo or hinge (SLiC).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Probability that a preference label is flipped: cDPO (sigmoid), rDPO (robust), SimPO.")
+    orpo_lambda: float = Field(0.1, gt=0, description="ORPO: weight of the odds-ratio term next to the chosen NLL (TRL's beta).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin gamma.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable examples' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable examples' losses.")
+    reference: Literal["auto", "adapter_disabled", "frozen_copy", "precomputed"] = Field(
+        "auto", description="Reference model for dpo/kto: adapter_disabled (LoRA: the base itself, no copy), frozen_copy (a "
+        "second model in memory), precomputed (reference log-probs computed once before training and cached with the data); "
+        "auto = adapter_disabled with LoRA, frozen_copy otherwise.")
 
 
 class OutputConfig(Section):
@@ -306,8 +381,30 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference-training parameters (train.method dpo, orpo, simpo, kto).")
     # Where the config was read from (set by load_config): its folder is never overwritten by a run.
     _config_path: Optional[Path] = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_budget(cls, raw):
+        # micro_batch_tokens is the token-budget way of saying "bins of N tokens, one bin per micro-batch";
+        # expanded here so the rest of the code (and `config show`) sees one batching description.
+        train, data = (raw.get("train"), raw.get("data")) if isinstance(raw, dict) else (None, None)
+        if not isinstance(train, dict) or not isinstance(data, dict) or train.get("micro_batch_tokens") is None:
+            return raw
+        budget = train["micro_batch_tokens"]
+        if data.get("packing", "padding_free") not in ("padding_free", "bins", True):
+            raise ValueError(f"train.micro_batch_tokens packs samples; it cannot be used with data.packing: {data['packing']}")
+        if train.get("micro_batch_size", 1) != 1:
+            raise ValueError("train.micro_batch_tokens replaces train.micro_batch_size: remove one of them")
+        longest = data.get("block_size", 512) if data.get("group_texts") else data.get("max_length", 1024)
+        if isinstance(budget, int) and isinstance(longest, int) and budget < longest:
+            raise ValueError(f"train.micro_batch_tokens ({budget}) must hold the longest sample (data.max_length = {longest}): "
+                             "raise it or lower data.max_length")
+        if data.get("pack_length", budget) != budget:
+            raise ValueError("train.micro_batch_tokens sets data.pack_length: remove data.pack_length")
+        return {**raw, "train": {**train, "micro_batch_size": 1}, "data": {**data, "packing": "bins", "pack_length": budget}}
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Config":
@@ -320,6 +417,12 @@ class Config(Section):
         if self.train.finetune == "full" and "lora" in self.model_fields_set and self.lora.model_fields_set:
             raise ValueError(f"lora.{sorted(self.lora.model_fields_set)[0]}: LoRA settings do nothing with train.finetune: full "
                              "(remove the lora section, or set train.finetune: lora)")
+        if self.model.quantize and self.train.finetune != "lora":
+            raise ValueError(f"model.quantize: {self.model.quantize} trains through LoRA only (QLoRA): set train.finetune: lora")
+        if self.lora.init_from and self.train.finetune != "lora":
+            raise ValueError("lora.init_from needs train.finetune: lora")
+        if self.preference.reference == "adapter_disabled" and self.train.finetune != "lora":
+            raise ValueError("preference.reference: adapter_disabled needs train.finetune: lora (use frozen_copy or precomputed)")
         if self.data.clean.max_per_cluster and not self.data.clean.clusters:
             raise ValueError("data.clean.max_per_cluster needs data.clean.clusters (the number of clusters)")
         return self
