@@ -20,7 +20,6 @@ from tuneforge.data.formats import BadRow, Messages
 from tuneforge.data.templates import END_OF_TURN_TOKENS
 
 IGNORE = -100
-FIX = "(fix the row, or use a chat template that renders it)"
 
 
 @dataclass
@@ -224,7 +223,7 @@ def locate(tokenizer, messages: Messages, tools: list | None, text: str, train_o
             return (spans[-1:] if train_on == "last_assistant" else spans), notes
         failed = found if failed is None else failed
     where = ("the tools list" if failed == -1 else f"message {failed} ({messages[failed]['role']})") if failed is not None else "its fixed text"
-    raise BadRow(f"the chat template rewrites a message: {where} is not reproduced verbatim (or trimmed) where the template puts it {FIX}")
+    raise BadRow(f"the chat template rewrites a message: {where} is not reproduced verbatim (or trimmed) where the template puts it")
 
 
 def _spans(tokenizer, text: str, st: Structure, found: list, messages: Messages, tools: list | None, keep_empty: bool):
@@ -232,7 +231,7 @@ def _spans(tokenizer, text: str, st: Structure, found: list, messages: Messages,
     for k, sid in enumerate(st.order):
         appear.setdefault(st.slots[sid][0], []).append(k)
     if tools and -1 not in appear:
-        raise BadRow(f"the chat template does not support tool calls: it does not render the tools list {FIX}")
+        raise BadRow(f"the chat template does not support tool calls: it does not render the tools list")
     spans, notes = [], []
     for i, m in enumerate(messages):
         ks = appear.get(i, [])
@@ -242,13 +241,13 @@ def _spans(tokenizer, text: str, st: Structure, found: list, messages: Messages,
             continue
         kinds = [st.slots[st.order[k]][1] for k in ks]
         if m.get("tool_calls") and "call" not in kinds:
-            raise BadRow(f"the chat template does not support tool calls: message {i} (assistant) has tool calls the template does not render {FIX}")
+            raise BadRow(f"the chat template does not support tool calls: message {i} (assistant) has tool calls the template does not render")
         if not ks:
             if keep_empty and not (m.get("content") or "").strip():
-                raise BadRow(f"empty assistant reply: message {i} is rendered differently when empty {FIX}")
-            raise BadRow(f"the chat template does not render a message: message {i} (assistant) is missing from the text {FIX}")
+                raise BadRow(f"empty assistant reply: message {i} is rendered differently when empty")
+            raise BadRow(f"the chat template does not render a message: message {i} (assistant) is missing from the text")
         if kinds.count("content") > 1:
-            raise BadRow(f"the chat template renders a message twice: message {i} (assistant) appears {kinds.count('content')} times {FIX}")
+            raise BadRow(f"the chat template renders a message twice: message {i} (assistant) appears {kinds.count('content')} times")
         first, last = ks[0], ks[-1]
         start = found[first][0] if kinds[0] == "content" else _call_start(tokenizer, st, found, first, messages[:i], tools, keep_empty)
         spans.append((start, _end_of_turn(tokenizer, found[last][1], st.fixed[last + 1])))
@@ -307,9 +306,46 @@ def render_with_spans(tokenizer, item, train_on: str, text: str | None = None) -
 
 def _render_item(tokenizer, item, train_on: str, text: str | None, key: tuple) -> tuple[str, list, tuple]:
     messages, tools = (item["messages"], item.get("tools")) if isinstance(item, dict) else (item, None)
-    text = text if text is not None else render(tokenizer, messages, tools)
+    extra: tuple[str, ...] = ()
+    if text is None:
+        try:
+            text = render(tokenizer, messages, tools)
+        except BadRow:
+            # Some templates demand call ids of their own shape (Mistral: 9 alphanumeric characters) that
+            # datasets rarely carry: retry once with generated ones, linked to the tool results.
+            fixed = with_call_ids(messages)
+            if fixed is None:
+                raise
+            text, messages, extra = render(tokenizer, fixed, tools), fixed, ("tool call ids generated for the chat template",)
     spans, notes = locate(tokenizer, messages, tools, text, train_on, key)
-    return text, spans, notes
+    return text, spans, notes + extra
+
+
+def with_call_ids(messages: Messages) -> Messages | None:
+    """The conversation with every tool call given a 9-character alphanumeric id and every tool result the
+    id of the call it answers (its own id mapped, else the oldest unanswered call). None: no tool calls."""
+    if not any(m.get("tool_calls") for m in messages):
+        return None
+    out, renamed, waiting, n = [], {}, [], 0
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                n += 1
+                calls.append({**c, "id": f"call{n:05d}"})
+                if c.get("id") is not None:
+                    renamed[str(c["id"])] = calls[-1]["id"]
+                waiting.append(calls[-1]["id"])
+            m["tool_calls"] = calls
+        elif m["role"] == "tool":
+            own = renamed.get(str(m.get("tool_call_id")))
+            cid = own if own in waiting else (waiting[0] if waiting else None)
+            if cid is not None:
+                waiting.remove(cid)
+                m["tool_call_id"] = cid
+        out.append(m)
+    return out
 
 
 CHUNK = 4096  # conversations per tokenizer call: large enough for Rust's threads, small enough to pipeline
@@ -370,6 +406,7 @@ def _to_encoded(tokenizer, rendered: list, encodings: list, max_length: int) -> 
     # Spans map to tokens with char_to_token (a few calls per sample), ~3x faster than reading every
     # token's offsets back into Python.
     out, k = [], 0
+    added = frozenset(tokenizer.added_tokens_decoder)
     for r in rendered:
         if isinstance(r, BadRow):
             out.append(r)
@@ -381,18 +418,22 @@ def _to_encoded(tokenizer, rendered: list, encodings: list, max_length: int) -> 
             ids = _with_bos_eos(tokenizer, ids)
             labels = list(ids)
         else:
-            labels = label_tokens(enc, ids, r[1])
+            labels = label_tokens(enc, ids, r[1], added)
         out.append(Encoded(ids[:max_length], labels[:max_length], len(ids) > max_length, len(ids), r[2]))
     return out
 
 
-def label_tokens(enc, ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
-    """Labels = token ids for every token that overlaps a trained character span, IGNORE elsewhere.
-    `ids` is enc.ids, passed in because every enc.ids call builds a new Python list."""
+def label_tokens(enc, ids: list[int], spans: list[tuple[int, int]], added: frozenset = frozenset()) -> list[int]:
+    """Labels = token ids for every token that overlaps a trained character span, IGNORE elsewhere; except
+    a special token (`added`) that starts before the span: a header that swallowed the reply's leading
+    whitespace (rstrip=True) is template text. `ids` is enc.ids, passed in because every enc.ids call
+    builds a new Python list."""
     labels = [IGNORE] * len(ids)
     for s, e in spans:
         first = _token_at(enc, range(s, e))
         last = _token_at(enc, range(e - 1, s - 1, -1))
+        if first is not None and ids[first] in added and enc.offsets[first][0] < s:
+            first += 1
         if first is not None and last is not None:
             labels[first : last + 1] = ids[first : last + 1]
     return labels
