@@ -48,12 +48,23 @@ def from_messages(data: dict[str, Any]) -> Messages:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRow(f"messages[{i}] must have 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise BadRow(f"messages[{i}].role is {m['role']!r} (expected system, user or assistant)")
-        if not isinstance(m["content"], str):
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise BadRow(f"messages[{i}].role is {m['role']!r} (expected system, user, assistant or tool)")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        content = "" if m["content"] is None and calls else m["content"]  # OpenAI: content null beside tool_calls
+        if not isinstance(content, str):
             raise BadRow(f"messages[{i}].content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": content, **_openai_tool_fields(m, calls, i)})
     return out
+
+
+def _openai_tool_fields(m: dict, calls: Any, i: int) -> dict:
+    """OpenAI-style tool calls and tool results kept on the message, for the chat template to render."""
+    if calls:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance((c.get("function") or c).get("name"), str) for c in calls):
+            raise BadRow(f"messages[{i}].tool_calls must be a list of {{function: {{name, arguments}}}}")
+        return {"tool_calls": calls}
+    return {"tool_call_id": str(m["tool_call_id"])} if m["role"] == "tool" and m.get("tool_call_id") is not None else {}
 
 
 def from_sharegpt(data: dict[str, Any], roles: dict[str, str] | None = None) -> Messages:
@@ -245,8 +256,23 @@ def to_conversation(row: Row, fmt: str, system_prompt: str | None, columns: dict
         _require_answer(conv["messages"], tool_ok=True)
         return {**conv, "messages": _with_system(conv["messages"], system_prompt)}
     msgs = from_sharegpt(data, roles) if name == "sharegpt" else CONVERTERS[name](data)
+    if name == "messages" and (data.get("tools") or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs)):
+        # OpenAI-style tool use: kept whole, so a template that cannot render it is an error, never a silent drop.
+        _require_answer(msgs, tool_ok=True)
+        return {"messages": _with_system(msgs, system_prompt), "tools": _tool_list(data.get("tools"))}
     _require_answer(msgs)
     return _with_system(msgs, system_prompt)
+
+
+def _tool_list(tools: Any) -> list:
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else []
+        except json.JSONDecodeError:
+            raise BadRow("field 'tools' is not valid JSON") from None
+    if not isinstance(tools or [], list) or not all(isinstance(t, dict) for t in tools or []):
+        raise BadRow("field 'tools' must be a list of function schemas (objects)")
+    return [t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools or []]
 
 
 def _require_answer(msgs: Messages, tool_ok: bool = False) -> None:

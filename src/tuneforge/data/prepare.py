@@ -164,12 +164,14 @@ def _source_digest(spec: DatasetSpec) -> bytes:
 
 def _read_all(specs: list[DatasetSpec], data_cfg: DataConfig, report: dict) -> list:
     items = []
+    where = report.setdefault("_where", {})  # id(item) -> "file:row", so encoding errors name the row
     for index, spec in enumerate(specs):
         got = []
         for row in read_spec(spec):
             report["rows_read"] += 1
             try:
                 got.append(to_conversation(row, spec.format, data_cfg.system_prompt, spec.columns, spec.roles))
+                where[id(got[-1])] = row.where
             except BadRow as exc:
                 _bad_row(f"{row.where}: {exc}", str(exc), data_cfg, report)
         used = _mix(got, spec, data_cfg.seed + index)
@@ -213,9 +215,10 @@ def _encode_all(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> l
     """Encode, drop bad/too-long rows (counted), and keep tokens in Arrow buffers, not Python ints."""
     ids, labels, messages, kept, n_targets = [], [], [], [], []
     for offset, ch in _encoded_chunks(items, tokenizer, data_cfg):
-        for msg in ch.bad:
-            _bad_row(f"conversation: {msg}", msg, data_cfg, report)
+        for k, msg in ch.bad:
+            _bad_row(f"{report.get('_where', {}).get(id(items[offset + k]), 'conversation')}: {msg}", msg, data_cfg, report)
         report["dropped"].update(ch.dropped)
+        report.setdefault("changed_by_template", Counter()).update(ch.changed)
         report["truncated"] += ch.truncated
         ids.append(ch.ids)
         labels.append(ch.labels)
@@ -239,9 +242,10 @@ class _Chunk:
     labels: Any
     n_targets: list[int]
     messages: list[str]
-    bad: list[str]
+    bad: list[tuple[int, str]]  # (position in the chunk, reason)
     dropped: Counter
     truncated: int
+    changed: Counter = field(default_factory=Counter)  # what the template changed in kept rows (render notes)
 
 
 def _check_chunk(items: list, encoded: list, data_cfg: DataConfig) -> _Chunk:
@@ -249,7 +253,7 @@ def _check_chunk(items: list, encoded: list, data_cfg: DataConfig) -> _Chunk:
     keep = []
     for k, (item, enc) in enumerate(zip(items, encoded)):
         if isinstance(enc, BadRow):
-            ch.bad.append(str(enc))
+            ch.bad.append((k, str(enc)))
             continue
         n = len(enc.labels) - enc.labels.count(IGNORE)
         reason = _length_problem(enc, n, data_cfg)
@@ -257,6 +261,7 @@ def _check_chunk(items: list, encoded: list, data_cfg: DataConfig) -> _Chunk:
             ch.dropped[reason] += 1
             continue
         ch.truncated += enc.truncated
+        ch.changed.update(enc.notes)
         ch.kept.append(k)
         ch.n_targets.append(n)
         keep.append((enc, item))
@@ -349,6 +354,7 @@ def _finish_report(report: dict, train: list[Sample], evals: list[Sample], pairs
         "dropped": dict(report["dropped"]),
         "bad_row_examples": report["bad_row_examples"],
         "truncated": report["truncated"],
+        **({"changed_by_template": dict(report["changed_by_template"])} if report.get("changed_by_template") else {}),
         "train_samples": len(train),
         "eval_samples": len(evals),
         "preference_pairs": len(pairs),

@@ -29,8 +29,8 @@ def resolve_model_dir(cfg: ModelConfig, log=print, need_weights: bool = True) ->
         if not p.is_file():
             raise UserError(f"model.path: GGUF file not found: {path}")
         return str(gguf_to_hf_dir(p, log))
-    if not need_weights and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
-        return str(p)
+    if not need_weights and any((p / f).is_file() for f in VOCAB_FILES + ("tokenizer_config.json",)):
+        return str(p)  # a folder without a vocabulary is refused, with its own message, by load_tokenizer
     if not (p / "config.json").is_file():
         raise UserError(f"model.path: {path} is not a model directory (no config.json); give an HF model dir, a .gguf file or a hub id")
     return str(p)
@@ -73,19 +73,48 @@ def gguf_chat_template(gguf_path: Path) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+# Files that hold a vocabulary. transformers builds a near-empty tokenizer from a lone tokenizer_config.json.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+
+
 def load_tokenizer(source: str, cfg: ModelConfig | None = None):
     from transformers import AutoTokenizer
 
     from tuneforge.data.templates import apply_template_override
 
+    folder = Path(os.path.expanduser(source))
+    present = [f for f in VOCAB_FILES if (folder / f).is_file()] if folder.is_dir() else None
+    if present == []:
+        raise UserError(f"model.path: {source} has no tokenizer vocabulary (missing tokenizer.json or tokenizer.model)")
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision if cfg else None, trust_remote_code=bool(cfg and cfg.trust_remote_code))
+        if present == ["tokenizer.model"] and not (folder / "tokenizer_config.json").is_file():
+            tok = sentencepiece_tokenizer(folder)
+        else:
+            tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision if cfg else None, trust_remote_code=bool(cfg and cfg.trust_remote_code))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
     apply_template_override(tok, cfg.chat_template if cfg else None)
     if tok.pad_token is None:
         # Padding only matters for padded batches and batched generation; EOS is the safe default.
         tok.pad_token = (cfg.pad_token if cfg and cfg.pad_token else None) or tok.eos_token
+    return tok
+
+
+def sentencepiece_tokenizer(folder: Path):
+    """A folder holding only a sentencepiece tokenizer.model (Mistral's own layout): a Llama-style BPE
+    tokenizer built from it, checked against sentencepiece's own encoding before it is used."""
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        raise UserError(f"model.path: {folder} holds only a sentencepiece tokenizer.model: pip install 'tuneforge[sentencepiece]' (or add tokenizer.json)") from None
+    from transformers import LlamaTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    specials = {name: sp.id_to_piece(i) for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())) if i >= 0}
+    tok = LlamaTokenizer.from_pretrained(str(folder), **specials)
+    probe = "Hello world, this is a test.\nx = 1"
+    if tok(probe, add_special_tokens=False)["input_ids"] != sp.encode(probe):
+        raise UserError(f"model.path: {folder}: its tokenizer.model is not a Llama-style BPE model tuneforge can rebuild (add tokenizer.json)")
     return tok
 
 
