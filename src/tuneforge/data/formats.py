@@ -21,8 +21,10 @@ IO_PAIRS = (("prompt", "completion"), ("input", "output"), ("prompt", "generatio
 
 
 def detect_format(data: dict[str, Any]) -> str:
-    if "chosen" in data and "rejected" in data:
+    if "chosen" in data or "rejected" in data:  # a pair missing a side is a bad pair, not an SFT row
         return "preference"
+    if isinstance(data.get("label"), bool) and ("messages" in data or "completion" in data):
+        return "kto"
     if isinstance(data.get("prompt"), dict) and "replies" in data["prompt"]:
         return "oasst"
     if "conversations" in data and (data.get("tools") or _has_tool_turns(data["conversations"])):
@@ -171,6 +173,9 @@ def _hh_transcript(text: str) -> Messages:
 
 def from_preference(data: dict[str, Any]) -> dict[str, Messages]:
     """prompt + chosen/rejected, conversations + chosen/rejected, or two full hh-rlhf transcripts."""
+    for side in ("chosen", "rejected"):
+        if data.get(side) in (None, "", []):
+            raise BadRow(f"missing {side}: a preference pair needs both chosen and rejected")
     if "prompt" in data:
         if not isinstance(data["prompt"], (str, list)):
             raise BadRow("field 'prompt' must be a string or a list of messages")
@@ -247,6 +252,11 @@ def to_conversation(row: Row, fmt: str, system_prompt: str | None, columns: dict
     name = detect_format(data) if fmt == "auto" else fmt
     if name == "text":
         return from_text(data)
+    if name == "kto":
+        from tuneforge.data.preference import from_kto_row
+
+        row = from_kto_row(data)
+        return {**row, "messages": _with_system(row["messages"], system_prompt)}
     if name == "preference":
         pair = from_preference(data)
         pair["prompt"] = _with_system(pair["prompt"], system_prompt)

@@ -19,11 +19,11 @@ from typing import Any
 from tuneforge.config.schema import DataConfig, DatasetSpec
 from tuneforge.data.clean import clean
 from tuneforge.data.formats import BadRow, to_conversation
-from tuneforge.data.render import IGNORE, Encoded, encode_chunks, encode_many
+from tuneforge.data.render import IGNORE, Encoded, encode_chunks
 from tuneforge.data.sources import read_spec
 from tuneforge.errors import UserError
 
-CACHE_VERSION = "3"  # bump when the encoding logic changes, so old caches are never served
+CACHE_VERSION = "4"  # bump when the encoding logic changes, so old caches are never served
 
 
 class Sample:
@@ -71,21 +71,14 @@ class Sample:
 
 
 @dataclass
-class Pair:
-    """A preference pair, stored for a preference-training recipe: chosen/rejected share the prompt."""
-    prompt: list
-    chosen: Encoded
-    rejected: Encoded
-
-
-@dataclass
 class Prepared:
     train: list[Sample]
     eval: list[Sample]
     fingerprint: str
     report: dict[str, Any] = field(default_factory=dict)
     cache_hit: bool = False
-    pairs: list[Pair] = field(default_factory=list)
+    pairs: list = field(default_factory=list)  # preference pairs / KTO rows (data.preference.Pair / Unpaired)
+    eval_pairs: list = field(default_factory=list)  # held out: reward accuracy is measured on them
     units: list[list[int]] = field(default_factory=list)  # what an epoch shuffles: samples or bins
 
 
@@ -98,23 +91,35 @@ def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
     items = _read_all(data_cfg.train, data_cfg, report)
     eval_items = _read_all(data_cfg.eval, data_cfg, report) if data_cfg.eval else []
     items = clean(items, data_cfg.clean, data_cfg.seed, report["dropped"])
-    pair_items = [it for it in items if isinstance(it, dict) and "chosen" in it]
-    items = [it for it in items if not (isinstance(it, dict) and "chosen" in it)]
+    pref_items, items = _apart(items)
+    eval_pref, eval_items = _apart(eval_items)
     if not data_cfg.eval:
         items, eval_items = _split(items, data_cfg, data_cfg.seed)
+        pref_items, eval_pref = _split(pref_items, data_cfg, data_cfg.seed)
     if data_cfg.max_eval_samples:
-        eval_items = eval_items[: data_cfg.max_eval_samples]
+        eval_items, eval_pref = eval_items[: data_cfg.max_eval_samples], eval_pref[: data_cfg.max_eval_samples]
     train = _encode_all(items, tokenizer, data_cfg, report)
     evals = _encode_all(eval_items, tokenizer, data_cfg, report)
-    pairs = _encode_pairs(pair_items, tokenizer, data_cfg, report)
+    pairs, eval_pairs, pref_counts = _encode_preference(pref_items, eval_pref, tokenizer, data_cfg, report)
     if data_cfg.group_texts:
         train, evals = _blocks(train, data_cfg.block_size, report), _blocks(evals, data_cfg.block_size, report)
     if not train and not pairs:
         names = ", ".join(s.name for s in data_cfg.train)
         raise UserError(f"no training samples left in {names} (dropped: {dict(report['dropped']) or 'the input is empty'})")
-    report = _finish_report(report, train, evals, pairs, fingerprint)
-    _save_cache(cache_dir, train, evals, pairs, report)
-    return _with_packing(Prepared(train, evals, fingerprint, report, pairs=pairs), data_cfg)
+    report = _finish_report(report, train, evals, pairs + eval_pairs, fingerprint)
+    if pairs or eval_pairs:
+        from tuneforge.data import preference
+
+        report["preference"] = preference.report(pairs, eval_pairs, pref_counts)
+    _save_cache(cache_dir, train, evals, (pairs, eval_pairs), report)
+    return _with_packing(Prepared(train, evals, fingerprint, report, pairs=pairs, eval_pairs=eval_pairs), data_cfg)
+
+
+def _apart(items: list) -> tuple[list, list]:
+    """-> (preference pairs and KTO rows, everything else)."""
+    from tuneforge.data.preference import is_preference_item
+
+    return [it for it in items if is_preference_item(it)], [it for it in items if not is_preference_item(it)]
 
 
 def _with_packing(data: Prepared, data_cfg: DataConfig) -> Prepared:
@@ -322,17 +327,21 @@ def _length_problem(enc: Encoded, n_targets: int, data_cfg: DataConfig) -> str |
     return None
 
 
-def _encode_pairs(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> list[Pair]:
-    convs = [it["prompt"] + it[side] for it in items for side in ("chosen", "rejected")]
-    encoded = encode_many(tokenizer, convs, "last_assistant", data_cfg.max_length)  # one pipelined pass
-    pairs = []
-    for it, chosen, rejected in zip(items, encoded[0::2], encoded[1::2]):
-        if isinstance(chosen, BadRow) or isinstance(rejected, BadRow):
-            bad = chosen if isinstance(chosen, BadRow) else rejected
-            _bad_row(f"preference pair: {bad}", str(bad), data_cfg, report)
-            continue
-        pairs.append(Pair(it["prompt"], chosen, rejected))
-    return pairs
+def _encode_preference(items: list, eval_items: list, tokenizer, data_cfg: DataConfig, report: dict):
+    """Pairs / KTO rows of both splits -> (train, eval, truncation counts); bad ones follow on_bad_row."""
+    from tuneforge.data.preference import encode_items
+
+    counts: Counter = Counter()
+    out = []
+    for part in (items, eval_items):
+        kept = []
+        for enc in encode_items(part, tokenizer, data_cfg.max_length, data_cfg.pair_truncation, counts):
+            if isinstance(enc, BadRow):
+                _bad_row(f"preference pair: {enc}", str(enc), data_cfg, report)
+            else:
+                kept.append(enc)
+        out.append(kept)
+    return out[0], out[1], counts
 
 
 def _blocks(samples: list[Sample], block: int, report: dict) -> list[Sample]:
@@ -345,7 +354,7 @@ def _blocks(samples: list[Sample], block: int, report: dict) -> list[Sample]:
     return [Sample(ids[i * block : (i + 1) * block], labels[i * block : (i + 1) * block], None) for i in range(n)]
 
 
-def _finish_report(report: dict, train: list[Sample], evals: list[Sample], pairs: list[Pair], fingerprint: str) -> dict:
+def _finish_report(report: dict, train: list[Sample], evals: list[Sample], pairs: list, fingerprint: str) -> dict:
     lengths = [len(s) for s in train] or [0]
     return {
         "fingerprint": fingerprint,
@@ -380,7 +389,9 @@ def padding_efficiency(lengths: list[int], batch: int, seed: int = 0) -> float:
     return round(real / padded, 4) if padded else 1.0
 
 
-def _save_cache(cache_dir: Path, train: list[Sample], evals: list[Sample], pairs: list[Pair], report: dict) -> None:
+def _save_cache(cache_dir: Path, train: list[Sample], evals: list[Sample], pairs: tuple[list, list], report: dict) -> None:
+    from tuneforge.data import preference
+
     import pyarrow as pa
     import pyarrow.feather as feather
 
@@ -393,11 +404,7 @@ def _save_cache(cache_dir: Path, train: list[Sample], evals: list[Sample], pairs
             "labels": _column(samples, "_labels", "labels"),
             "messages": pa.array([s.messages_json() for s in samples], pa.string()),
         }), tmp / f"{name}.arrow")
-    feather.write_feather(pa.table({
-        "prompt": pa.array([json.dumps(p.prompt) for p in pairs], pa.string()),
-        **{f"{side}_{col}": int_lists([getattr(getattr(p, side), col) for p in pairs])
-           for side in ("chosen", "rejected") for col in ("input_ids", "labels")},
-    }), tmp / "pairs.arrow")
+    preference.save(tmp, *pairs)
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
     # Rename last: a crash mid-write never leaves a half cache that a later run would trust.
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -439,8 +446,8 @@ def _load_cache(cache_dir: Path, fingerprint: str) -> Prepared:
         ids, labels = _lists(t.column("input_ids")), _lists(t.column("labels"))
         # Messages stay JSON until asked for: a cache hit must not pay for decoding 100k conversations.
         splits[name] = [Sample(i, lab, messages_json=m) for i, lab, m in zip(ids, labels, t.column("messages").to_pylist())]
-    p = feather.read_table(cache_dir / "pairs.arrow").to_pydict()
-    pairs = [Pair(json.loads(pr), Encoded(ci, cl, False), Encoded(ri, rl, False))
-             for pr, ci, cl, ri, rl in zip(p["prompt"], p["chosen_input_ids"], p["chosen_labels"], p["rejected_input_ids"], p["rejected_labels"])]
+    from tuneforge.data import preference
+
+    pairs, eval_pairs = preference.load(cache_dir)
     report = json.loads((cache_dir / "report.json").read_text())
-    return Prepared(splits["train"], splits["eval"], fingerprint, report, cache_hit=True, pairs=pairs)
+    return Prepared(splits["train"], splits["eval"], fingerprint, report, cache_hit=True, pairs=pairs, eval_pairs=eval_pairs)
