@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tuneforge.errors import UserError
 from tuneforge.rundir import RunDir, fsync_tree, write_json
+from tuneforge.train.faults import fault_point
 
 MODEL_FILE = "model.safetensors"
 
@@ -69,6 +70,7 @@ def save(accel, run: RunDir, step: int, meta: dict, keep: int) -> Path:
     accel.wait_for_everyone()
     accel.save_state(str(tmp))
     accel.wait_for_everyone()
+    fault_point("ckpt", step)  # tests: kill -9 with the state written but the checkpoint not yet complete
     if accel.is_main_process:
         write_json(tmp / "trainer.json", {"step": step, **meta})
         fsync_tree(tmp)

@@ -58,8 +58,8 @@ def record_failure(recipe, exc: BaseException) -> None:
     accel = getattr(recipe, "accel", None)
     if accel is not None and not accel.is_main_process:
         return
-    if isinstance(exc, KeyboardInterrupt):
-        recipe.run.interrupt("interrupted (Ctrl-C)")
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM/SIGINT handled after a checkpoint (signals.Interrupted)
+        recipe.run.interrupt(str(exc) or "interrupted (Ctrl-C)")
     elif isinstance(exc, SystemExit) and not exc.code:
         return
     else:

@@ -57,6 +57,14 @@ def read_owner(run_dir: Path) -> Owner | None:
         return Owner(-1, "?", 0.0, 0.0)
 
 
+def refuse_if_live(run_dir: Path, stale_after: float = 120.0) -> None:
+    """Before touching a run directory (resume, overwrite): refuse while another live process trains there."""
+    owner = read_owner(run_dir)
+    if owner is not None and owner.pid != os.getpid() and owner.alive(stale_after):
+        raise UserError(f"{run_dir}: a run is already training here ({owner.describe()}); "
+                        "wait for it or stop it before starting another")
+
+
 class RunLock:
     """Hold RUN_DIR/run.lock for the life of a run (a context manager, or acquire()/release())."""
 

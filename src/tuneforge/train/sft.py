@@ -27,9 +27,11 @@ class SFTRecipe:
 
     # ---- checks that fail before anything heavy -------------------------------------------------
     def _check_run_dir(self) -> None:
+        from tuneforge.train.guard import RunGuard
+
+        # Lock, resume checks (config changes, finished runs), watchdog, signals: see train/guard.py.
+        self.guard = RunGuard(self.cfg, self.run, self.resume, self.log)
         if self.resume:
-            if not self.run.checkpoints.is_dir():
-                raise UserError(f"--resume: no checkpoints in {self.run.root}; set train.save_every and train first")
             return
         if self.run.exists() and not self.cfg.output.overwrite:
             status = self.run.status
@@ -55,6 +57,7 @@ class SFTRecipe:
         if self.accel.is_main_process:
             mark_output_dir(self.run.root, "run")
         self.accel.wait_for_everyone()
+        self.guard.acquire(self.accel)
         seed_everything(t.seed)
         self.source = resolve_model_dir(cfg.model, self.log)
         self.tokenizer = load_tokenizer(self.source, cfg.model)
@@ -68,6 +71,7 @@ class SFTRecipe:
                                t.seed, layout="packed" if cfg.data.packing == "padding_free" else "rows")
         self._plan_steps()
         model = prepare_for_training(load_model(self.source, cfg.model), cfg, self.tokenizer, self.log)
+        self.guard.preflight(model)  # enough disk for the checkpoints, before the first step
         optimizer = build_optimizer(model, t)
         scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accel.prepare(model, optimizer, scheduler)
@@ -92,10 +96,12 @@ class SFTRecipe:
         from tuneforge.train import checkpoint
 
         ckpt = self.run.latest_checkpoint()
-        if ckpt is None:
-            raise UserError(f"--resume: no complete checkpoint in {self.run.checkpoints}")
+        if ckpt is None:  # killed before the first checkpoint: start again from step 0 in the same directory
+            self.log(f"--resume: no complete checkpoint in {self.run.checkpoints} yet; training starts again from step 0")
+            return 0
         meta = checkpoint.check_compatible(ckpt, self.data.fingerprint, self.batcher.signature())
         checkpoint.load(self.accel, ckpt)
+        self.guard.restore(meta)
         self.log(f"resumed from {ckpt} (step {meta['step']})")
         return meta["step"]
 
@@ -145,7 +151,8 @@ class SFTRecipe:
         from tuneforge.train.tracking import Tracker, progress_bar
 
         t = self.cfg.train
-        self.tracker = Tracker(self.run.root, self.cfg.tracking.tensorboard, enabled=self.accel.is_main_process)
+        self.tracker = Tracker(self.run.root, self.cfg.tracking.tensorboard, enabled=self.accel.is_main_process,
+                               tracking=self.cfg.tracking, config=self.cfg.model_dump(mode="json"))
         if self.resume:
             self.tracker.truncate_after(self.start_step)
         if self.start_step == 0 and t.generate_eval.samples:
@@ -155,18 +162,29 @@ class SFTRecipe:
         with progress_bar(self.total_steps, self.start_step) as bar:
             for step in range(self.start_step, self.total_steps):
                 began = time.perf_counter()
+                self.guard.before_step(step + 1, self.model)
                 last = self.backward_step(step)
                 last.update(update(self.accel, self.model, self.optimizer, self.scheduler, t.max_grad_norm))
                 last["tokens_per_s"] = round(last["tokens"] / (time.perf_counter() - began), 1)
                 done = step + 1
+                self.guard.measure(last)
                 if done % t.log_every == 0 or done == self.total_steps:
                     self.tracker.log(done, **last)
+                signalled = self.guard.after_step(done, last, self.accel)  # NaN/divergence raises here, before any save
                 self._update_bar(bar, done, last)
+                best = early = None
                 if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
-                    self.tracker.log(done, eval_loss=self.eval_loss())
-                if t.save_every and done % t.save_every == 0:
-                    self._save_checkpoint(done)
-        return last
+                    eval_loss = self.eval_loss()
+                    self.tracker.log(done, eval_loss=eval_loss)
+                    best, early = self.guard.after_eval(done, eval_loss)
+                if (t.save_every and done % t.save_every == 0) or signalled or early or (best and t.keep_best):
+                    self._save_checkpoint(done, best=bool(best))
+                if signalled:
+                    self.guard.interrupt(done)  # status interrupted, exit 130; --resume continues
+                if early:
+                    self.log(early)
+                    break
+        return self.guard.loop_done(last)
 
     def _update_bar(self, bar, done: int, m: dict) -> None:
         bar.update(bar.task_ids[0], completed=done, loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tps=f"{m['tokens_per_s']:.0f}")
@@ -201,13 +219,14 @@ class SFTRecipe:
             self.run.write_json(self.run.generate_eval(tag), {"step": step, **result, "examples": examples})
         return result
 
-    def _save_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, step: int, best: bool = False) -> None:
         from tuneforge.train import checkpoint
 
-        meta = {"data_fingerprint": self.data.fingerprint, "batching": self.batcher.signature()}
+        meta = {"data_fingerprint": self.data.fingerprint, "batching": self.batcher.signature(), **self.guard.state()}
         path = checkpoint.save(self.accel, self.run, step, meta, self.cfg.train.keep_checkpoints)
         if self.accel.is_main_process:
             self.run.update(last_checkpoint=str(path), step=step)
+        self.guard.checkpointed(step, path, best)  # best copy, report.html refreshed
 
     # ---- save -------------------------------------------------------------------------------------
     def save(self, last: dict) -> dict:
@@ -245,3 +264,5 @@ def run(cfg: Config, resume: bool = False, log=print, recipe_cls=SFTRecipe) -> d
 
         record_failure(recipe, exc)
         raise
+    finally:
+        recipe.guard.close()  # report.html, lock released, signal handlers restored

@@ -11,10 +11,11 @@ import signal
 import threading
 
 INTERRUPTED_EXIT = 130
+LAST_SIGNAL: str | None = None  # the last signal a StopFlag caught in this process (read by train/faults.py)
 
 
-class Interrupted(Exception):
-    """Raised by the recipe after the checkpoint was written; the CLI maps it to exit 130."""
+class Interrupted(KeyboardInterrupt):
+    """Raised by the recipe after the checkpoint was written; the CLI maps it to exit 130 like Ctrl-C."""
 
     exit_code = INTERRUPTED_EXIT
 
@@ -34,7 +35,9 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        global LAST_SIGNAL
         name = signal.Signals(signum).name
+        LAST_SIGNAL = name
         if self.requested and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tuneforge.errors import UserError
 
-class Diverged(Exception):
+
+class Diverged(UserError):
     """The run produced NaN/inf or stayed above the loss threshold; the message says which and where."""
 
 
