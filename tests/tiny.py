@@ -48,8 +48,9 @@ def model_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2):
     return classes[arch](**common, **extra.get(arch, {}))
 
 
-def build_model(folder: Path, arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """Save a random-init model + the local tokenizer into `folder` (an HF model directory)."""
+def build_model(folder: Path, arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2, **config_overrides) -> Path:
+    """Save a random-init model + the local tokenizer into `folder` (an HF model directory).
+    `config_overrides` set config attributes (e.g. tie_word_embeddings=True, as real Gemma models have)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -57,6 +58,8 @@ def build_model(folder: Path, arch: str = "llama", seed: int = 0, hidden: int = 
     torch.manual_seed(seed)
     cfg = model_config(arch, len(tok), hidden, layers)
     cfg.eos_token_id = tok.eos_token_id
+    for key, value in config_overrides.items():
+        setattr(cfg, key, value)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

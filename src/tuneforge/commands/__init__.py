@@ -5,3 +5,4 @@ must not import torch).
 """
 from tuneforge.commands import serve  # noqa: F401,E402
 from tuneforge.commands import runs  # noqa: F401,E402
+from tuneforge.commands import export  # noqa: F401,E402

@@ -1,0 +1,65 @@
+"""After training: export (GGUF + Ollama), quantize (GPTQ), predict, eval, push. Imports stay lazy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from tuneforge.cli import app, console
+from tuneforge.errors import UserError
+
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an earlier artifact of the same kind at --out (only tuneforge's own).")
+
+
+@app.command()
+def export(run_dir: Path, format: str = typer.Option("gguf", "--format", help="Export format: gguf (llama.cpp / Ollama)."),
+           type: str = typer.Option("f16", "--type", help="GGUF tensor type: f32, f16, bf16, q8_0 (q4_k_m with llama.cpp's llama-quantize)."),
+           out: Optional[Path] = typer.Option(None, help="Output folder (default RUN_DIR/gguf-TYPE)."), overwrite: bool = OverwriteOpt):
+    """Write one GGUF file + an Ollama Modelfile; read it back and prove it answers like the trained model."""
+    if format != "gguf":
+        raise UserError(f"--format {format}: only gguf is supported (GPTQ is `tuneforge quantize`, merged weights `tuneforge merge`)")
+    from tuneforge.export.gguf import export_gguf
+
+    r = export_gguf(str(run_dir), str(out) if out else None, type, overwrite, log=console.print)
+    if r.get("readback") == "ok":
+        Console().print(f"gguf -> {r['path']}\n  max |logit diff| {r['max_abs_logit_diff']:.2e} (relative {r['max_rel_logit_diff']:.2e}, "
+                        f"tolerance {r['tolerance_rel']:g}), next-token agreement {r['top1_agreement']:.1%}, greedy answers "
+                        f"equal {r['answer_agreement']:.0%}, chat template embedded: {r['chat_template_embedded']}  OK")
+    else:
+        Console().print(f"gguf -> {r['path']}\n  not verified: {r['readback']}")
+
+
+@app.command()
+def predict(path: Path, data: Path = typer.Option(..., help="jsonl/json of chat rows (messages) or prompt/completion rows."),
+            out: Optional[Path] = typer.Option(None, help="Predictions jsonl (default: predictions.jsonl next to --data)."),
+            max_new_tokens: int = typer.Option(128, min=1, max=32768), temperature: float = typer.Option(0.0, min=0.0, max=100.0, help="0 = greedy."),
+            top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0), batch_size: int = typer.Option(8, min=1, max=4096),
+            limit: Optional[int] = typer.Option(None, min=1, help="Only the first N rows."), seed: int = typer.Option(0),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.")):
+    """Batch generation over a dataset -> jsonl (prompt, reference, prediction) + exact match, ROUGE-L, BLEU, perplexity."""
+    from tuneforge.infer.predict import predict as run_predict
+
+    r = run_predict(str(path), data, out, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    batch_size=batch_size, limit=limit, seed=seed, overwrite=overwrite, log=console.print)
+    Console().print(f"predictions -> {r['out']}  ({r['rows']} rows)\n" + "  ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items()))
+
+
+@app.command("eval")
+def evaluate(run_dir: Path, max_new_tokens: int = typer.Option(64, min=1, max=32768),
+             samples: Optional[int] = typer.Option(None, min=1, help="Eval samples to use (default: all).")):
+    """Eval-split loss and perplexity, base vs fine-tuned side by side, plus the run's generate-eval metric."""
+    from rich.table import Table
+
+    from tuneforge.infer.evaluate import evaluate as run_eval
+
+    r = run_eval(str(run_dir), max_new_tokens=max_new_tokens, samples=samples, log=console.print)
+    table = Table(title=f"eval: {run_dir} ({r['samples']} eval samples)")
+    for col in ("metric", "base", "fine-tuned"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for key in r["base"]:
+        table.add_row(key, f"{r['base'][key]:.4f}", f"{r['tuned'][key]:.4f}")
+    Console().print(table)
+    Console().print(f"report: {r['report']}")

@@ -1,0 +1,185 @@
+"""`tuneforge export --format gguf`: one GGUF file + an Ollama Modelfile, proven against the trained model.
+
+The file is read back by an independent reader (transformers' GGUF loader, which shares no code with
+our writer except the `gguf` package's name table) and compared with the trained model: logits on the
+run's saved eval samples, token ids of a chat prompt rendered with the *embedded* chat template, and
+the greedy answer to held-out prompts. The numbers go into export_report.json and the folder marker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from tuneforge.errors import ParityError, UserError
+from tuneforge.export.gguf_writer import TYPES, write_gguf
+from tuneforge.outputs import check_output_dir, clear_output_dir, mark_output_dir
+from tuneforge.rundir import update_run_info, write_json
+
+# Max |logit diff| relative to the largest |logit|, per type; plus the greedy answers must agree (see below).
+TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}
+# Types whose greedy answers must equal the trained model's exactly; quantized ones need this share of them.
+EXACT_ANSWERS = ("f32", "f16")
+MIN_ANSWER_AGREEMENT = 0.5
+LLAMA_QUANTIZE = "llama-quantize"  # llama.cpp's quantizer (k-quants such as q4_k_m)
+
+
+def available_types() -> list[str]:
+    return list(TYPES) + (["q4_k_m"] if shutil.which(LLAMA_QUANTIZE) else [])
+
+
+def export_gguf(path: str, out: str | None = None, ftype: str = "f16", overwrite: bool = False, log=print) -> dict:
+    if ftype not in available_types():
+        hint = f" (q4_k_m needs llama.cpp's `{LLAMA_QUANTIZE}` on PATH)" if ftype == "q4_k_m" else ""
+        raise UserError(f"--type {ftype}: not available here; available: {', '.join(available_types())}{hint}")
+    run_dir = Path(path)
+    out_dir = Path(out) if out else run_dir / f"gguf-{ftype}"
+    check_output_dir(out_dir, "gguf", overwrite or out is None, "--overwrite")
+
+    from tuneforge.model.trained import load_trained
+
+    model, tokenizer, desc = load_trained(path, dtype="float32")
+    return export_loaded(model, tokenizer, desc, run_dir, out_dir, ftype, log)
+
+
+def export_loaded(model, tokenizer, desc: dict, run_dir: Path, out_dir: Path, ftype: str, log=print) -> dict:
+    """Export an already loaded trained model (adapter model or full) after `check_output_dir` passed."""
+    from tuneforge.export import parity
+
+    samples = parity.sample_ids(run_dir, tokenizer)
+    prompts = parity.held_out_prompts(run_dir)
+    ref_logits = parity.logits(model, samples)
+    ref_answers = parity.greedy(model, tokenizer, prompts)
+    if desc["kind"] == "lora":
+        model = model.merge_and_unload()  # GGUF holds full weights: the adapter is fused in memory first
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    mark_output_dir(tmp, "gguf", source=str(run_dir), type=ftype)
+    name = run_dir.resolve().name
+    gguf_file = tmp / f"{name}-{ftype}.gguf"
+    t0 = time.time()
+    write_type = "f16" if ftype == "q4_k_m" else ftype
+    write_gguf(model, tokenizer, gguf_file, write_type, name, extra={"source": str(run_dir), "finetune": desc["kind"]})
+    if ftype == "q4_k_m":
+        gguf_file = llama_quantize(gguf_file, ftype)
+    log(f"wrote {gguf_file.name} ({gguf_file.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s; reading it back")
+    del model
+
+    report = {"type": ftype, "file": gguf_file.name, "reader": "transformers GGUF loader",
+              **readback(gguf_file, tokenizer, samples, ref_logits, prompts, ref_answers)}
+    report["tolerance_rel"] = TOLERANCE.get(ftype, TOLERANCE["q8_0"])
+    report["passed"] = passed(report, ftype)
+    write_modelfile(tmp, gguf_file.name, tokenizer)
+    write_json(tmp / "export_report.json", report)
+    clear_output_dir(out_dir, "gguf")
+    tmp.rename(out_dir)
+    if (run_dir / "run_info.json").is_file():
+        update_run_info(run_dir, **{f"gguf_{ftype}": {"dir": str(out_dir), **report}})
+    if not report["passed"]:
+        raise ParityError(f"GGUF {ftype} differs from the trained model: {failure(report, ftype)} (see {out_dir}/export_report.json)")
+    return {**report, "out": str(out_dir), "path": str(out_dir / report["file"])}
+
+
+def readback(gguf_file: Path, tokenizer, samples, ref_logits, prompts, ref_answers) -> dict:
+    """Load the file with transformers (model, tokenizer, embedded chat template) and compare."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.export import parity
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        back = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        back_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except ValueError as exc:  # e.g. an architecture transformers cannot read from GGUF (Gemma 1)
+        return {"readback": f"unavailable: {str(exc).splitlines()[0]}"}
+    back.eval()
+    result = parity.compare(ref_logits, parity.logits(back, samples))
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in prompts]
+    embedded = [back_tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in prompts]
+    result["chat_template_embedded"] = back_tok.chat_template == tokenizer.chat_template
+    result["prompt_ids_equal"] = all(tokenizer(t, add_special_tokens=False)["input_ids"] == back_tok(e, add_special_tokens=False)["input_ids"]
+                                     for t, e in zip(texts, embedded))
+    answers = parity.greedy(back, back_tok, prompts)  # through the GGUF's own tokenizer and template
+    result["answers"] = [{"prompt": c[-1]["content"], "trained": a, "gguf": b} for c, a, b in zip(prompts, ref_answers, answers)]
+    result["answer_agreement"] = sum(a == b for a, b in zip(ref_answers, answers)) / max(1, len(answers))
+    result["readback"] = "ok"
+    return result
+
+
+def passed(report: dict, ftype: str) -> bool:
+    return failure(report, ftype) is None
+
+
+def failure(report: dict, ftype: str) -> str | None:
+    if report.get("readback") != "ok":
+        return None  # nothing to compare with; the report says why
+    if report["max_rel_logit_diff"] > report["tolerance_rel"]:
+        return f"max relative |logit diff| {report['max_rel_logit_diff']:.3g} > {report['tolerance_rel']:g}"
+    if not report["chat_template_embedded"] or not report["prompt_ids_equal"]:
+        return "the embedded tokenizer/chat template does not reproduce the trained prompt ids"
+    need = 1.0 if ftype in EXACT_ANSWERS else MIN_ANSWER_AGREEMENT
+    if report["answer_agreement"] < need:
+        return f"greedy answers agree on {report['answer_agreement']:.0%} of prompts (need {need:.0%})"
+    return None
+
+
+def llama_quantize(f16_file: Path, ftype: str) -> Path:
+    import subprocess
+
+    out = f16_file.with_name(f16_file.name.replace("-q4_k_m.gguf", "") + f"-{ftype}.gguf")
+    src = f16_file.rename(f16_file.with_suffix(".f16.tmp"))
+    proc = subprocess.run([shutil.which(LLAMA_QUANTIZE), str(src), str(out), ftype.upper()], capture_output=True, text=True)
+    src.unlink()
+    if proc.returncode != 0:
+        raise UserError(f"{LLAMA_QUANTIZE} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return out
+
+
+# ---- Ollama ------------------------------------------------------------------------------------------
+def write_modelfile(folder: Path, gguf_name: str, tokenizer) -> None:
+    from tuneforge.data.templates import stop_token_ids
+
+    template = ollama_template(tokenizer)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', *[f'PARAMETER stop "{s}"' for s in stops], "PARAMETER temperature 0"]
+    (folder / "Modelfile").write_text("\n".join(lines) + "\n")
+
+
+def ollama_template(tokenizer) -> str:
+    """The Jinja chat template as an Ollama (Go) template, found by rendering marker messages.
+
+    Renders [user X], [user X, assistant Y, user Z] and [system S, user X]; the text around the markers
+    gives the head (BOS...), the user prefix, what follows a user turn (incl. the assistant header), and
+    what follows an assistant turn. A template that folds the system prompt into the user turn gets no
+    {{ .System }} block (the Modelfile then ignores SYSTEM).
+    """
+    x, y, z, s = "\x01X\x01", "\x01Y\x01", "\x01Z\x01", "\x01S\x01"
+
+    def render(msgs):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    head, after_user = render([{"role": "user", "content": x}]).split(x)
+    two = render([{"role": "user", "content": x}, {"role": "assistant", "content": y}, {"role": "user", "content": z}])
+    between = two.split(y)[1].split(z)[0]
+    u_pre = common_suffix(head, between)
+    a_post, start = between[: len(between) - len(u_pre)], head[: len(head) - len(u_pre)]
+    system = ""
+    try:
+        sys_head = render([{"role": "system", "content": s}, {"role": "user", "content": x}]).split(x)[0]
+        if sys_head.endswith(u_pre) and s in sys_head[: len(sys_head) - len(u_pre)]:
+            system = sys_head[: len(sys_head) - len(u_pre)].replace(s, "{{ .System }}")
+    except Exception:  # noqa: BLE001 - templates may reject a system role; then there is no system block
+        pass
+    opening = f"{{{{ if .System }}}}{system}{{{{ else }}}}{start}{{{{ end }}}}" if system else start
+    return (opening + '{{- range .Messages }}{{ if eq .Role "user" }}' + u_pre + "{{ .Content }}" + after_user
+            + '{{ else if eq .Role "assistant" }}{{ .Content }}' + a_post + "{{ end }}{{ end }}")
+
+
+def common_suffix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n :]

@@ -1,0 +1,72 @@
+"""Parity between the trained model and an exported artifact: logits on saved eval samples, greedy answers.
+
+The reference is always what `train` produced (adapter model for LoRA, the full model otherwise), so
+every artifact is compared with the model the user trained, not with an intermediate copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PARITY_SAMPLES = "parity_samples.json"
+DEFAULT_PROMPTS = ["Hello! Who are you?", "Summarise: the cat sat on the mat.", "List three colours."]
+
+
+def sample_ids(run_dir: Path, tokenizer, n: int = 4) -> list[list[int]]:
+    """Token ids saved by `train` (eval samples); else a few rendered chat prompts."""
+    saved = Path(run_dir) / PARITY_SAMPLES
+    if saved.is_file():
+        return json.loads(saved.read_text())[:n]
+    return [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for c in held_out_prompts(run_dir)]
+
+
+def held_out_prompts(run_dir: Path, n: int = 3) -> list[list[dict]]:
+    """Conversations to answer greedily: the run's held-out generate-eval prompts when it has them."""
+    for name in ("generate_eval_after.json", "generate_eval_before.json"):
+        path = Path(run_dir) / name
+        if path.is_file():
+            examples = json.loads(path.read_text()).get("examples", [])[:n]
+            if examples:
+                return [[{"role": "user", "content": e["prompt"]}] for e in examples]
+    return [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS[:n]]
+
+
+def logits(model, samples: list[list[int]]):
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([s], device=device), use_cache=False).logits.float().cpu() for s in samples]
+
+
+def compare(reference, other) -> dict:
+    """Max |logit diff|, the same relative to the largest |logit|, and next-token (argmax) agreement."""
+    abs_diff = max((a - b).abs().max().item() for a, b in zip(reference, other))
+    scale = max(a.abs().max().item() for a in reference) or 1.0
+    same = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(reference, other))
+    total = sum(a.shape[1] for a in reference)
+    return {"max_abs_logit_diff": abs_diff, "max_rel_logit_diff": abs_diff / scale, "top1_agreement": same / max(1, total),
+            "samples": len(reference)}
+
+
+def perplexity(model, samples: list[list[int]]) -> float:
+    """exp(mean next-token cross-entropy) over all positions of the samples."""
+    import math
+
+    import torch
+
+    total, count = 0.0, 0
+    for s, out in zip(samples, logits(model, samples)):
+        if len(s) < 2:
+            continue
+        total += torch.nn.functional.cross_entropy(out[0, :-1], torch.tensor(s[1:]), reduction="sum").item()
+        count += len(s) - 1
+    return math.exp(total / max(1, count))
+
+
+def greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 24) -> list[str]:
+    from tuneforge.model.generate import generate_batch
+
+    return generate_batch(model, tokenizer, conversations, max_new_tokens, batch_size=1)
