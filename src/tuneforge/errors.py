@@ -87,7 +87,7 @@ def _library_message(exc: BaseException) -> str | None:
         return f"a YAML file does not parse ({first}) (fix its syntax)"
     if isinstance(exc, UnicodeDecodeError):
         return f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start}) (re-save it as UTF-8)"
-    if name in ("BadGzipFile",) or (isinstance(exc, EOFError) and "compressed file" in first):
+    if name in ("BadGzipFile",) or (isinstance(exc, EOFError) and "compressed file" in first.lower()):
         return f"a .gz file is not valid gzip ({first}) (re-compress it, or drop the .gz suffix)"
     return None
 

@@ -146,8 +146,9 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
         return Config.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
-        # A misspelled key also makes the real key "missing": report the typo, it is the cause.
-        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        # A misspelled key also makes the real key "missing": report the typo, it is the cause. Likewise a
+        # bad value the user wrote explains more than a key they have not written yet.
+        first = min(errors, key=lambda e: {"extra_forbidden": 0, "missing": 2}.get(e["type"], 1))
         raise UserError(f"{source}: {explain(first, Config)}") from None
 
 

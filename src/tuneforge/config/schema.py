@@ -416,6 +416,8 @@ class Config(Section):
         if not isinstance(train, dict) or not isinstance(data, dict) or train.get("micro_batch_tokens") is None:
             return raw
         budget = train["micro_batch_tokens"]
+        if not isinstance(budget, int) or isinstance(budget, bool) or not 8 <= budget <= MAX_TOKENS:
+            return raw  # a bad value: the field's own check names train.micro_batch_tokens
         if data.get("packing", "padding_free") not in ("padding_free", "bins", True):
             raise ValueError(f"train.micro_batch_tokens packs samples; it cannot be used with data.packing: {data['packing']}")
         if train.get("micro_batch_size", 1) != 1:

@@ -78,6 +78,8 @@ def _read_text(p: Path) -> str:
         import zlib
 
         try:
+            if not raw:
+                raise EOFError("the file is empty")
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
             raise UserError(f"{p}: not a valid gzip file ({exc}) (re-compress it, or drop the .gz suffix)") from None

@@ -39,8 +39,9 @@ def generate_once(path: str, prompt: str, system: str | None, max_new_tokens: in
     return generate_batch(model, tokenizer, [msgs], max_new_tokens, temperature=temperature)[0]
 
 
-def chat_loop(path: str, system: str | None, max_new_tokens: int, temperature: float, out=sys.stdout, inp=sys.stdin) -> None:
+def chat_loop(path: str, system: str | None, max_new_tokens: int, temperature: float, out=None, inp=None) -> None:
     """Read user lines from `inp`; stream replies to `out`. /reset clears history, /exit quits."""
+    out, inp = out or sys.stdout, inp or sys.stdin  # resolved per call: redirected streams are honoured
     import torch
     from transformers import TextIteratorStreamer
 
