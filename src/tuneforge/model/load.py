@@ -94,6 +94,11 @@ def load_tokenizer(source: str, cfg: ModelConfig | None = None):
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
     apply_template_override(tok, cfg.chat_template if cfg else None)
+    if cfg and cfg.add_tokens:
+        # Special: never split or merged by the tokenizer. Training grows the embeddings to match.
+        tok.add_tokens(list(cfg.add_tokens), special_tokens=True)
+    if tok.pad_token is None and cfg and cfg.pad_token and cfg.pad_token not in tok.get_vocab():
+        tok.add_tokens([cfg.pad_token], special_tokens=True)
     if tok.pad_token is None:
         # Padding only matters for padded batches and batched generation; EOS is the safe default.
         tok.pad_token = (cfg.pad_token if cfg and cfg.pad_token else None) or tok.eos_token
@@ -131,20 +136,59 @@ def pick_dtype(name: str):
 def load_model(source: str, cfg: ModelConfig | None = None, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
 
-    attn = (cfg.attn_implementation if cfg else "auto")
     kwargs = {
         "dtype": pick_dtype(cfg.dtype if cfg else dtype),
-        "attn_implementation": "sdpa" if attn == "auto" else attn,
+        "attn_implementation": attn_implementation(cfg.attn_implementation if cfg else "auto"),
         "trust_remote_code": bool(cfg and cfg.trust_remote_code),
     }
     if cfg and cfg.revision:
         kwargs["revision"] = cfg.revision
+    if cfg and cfg.quantize:
+        kwargs["quantization_config"] = bnb_config(cfg)
+        if torch_cuda():
+            kwargs["device_map"] = {"": torch_cuda()}  # bitsandbytes quantizes while placing on the GPU
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a model from {source}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
         raise weights_error(source, exc) from None
+
+
+def attn_implementation(name: str) -> str:
+    """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
+    import importlib.util
+
+    has_flash = importlib.util.find_spec("flash_attn") is not None and torch_cuda() is not None
+    if name == "flash_attention_2" and not has_flash:
+        raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                        "(pip install flash-attn), or use sdpa")
+    if name == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    return name
+
+
+def torch_cuda():
+    """The local CUDA device index of this process, or None on CPU."""
+    import os
+
+    import torch
+
+    return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else None
+
+
+def bnb_config(cfg: ModelConfig):
+    """bitsandbytes quantization for `model.quantize` (4bit: nf4/fp4, double quant, compute dtype)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantize: {cfg.quantize} needs bitsandbytes: pip install 'tuneforge[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=pick_dtype(cfg.compute_dtype))
 
 
 def weights_error(folder: str | Path, exc: Exception) -> Exception:

@@ -125,10 +125,12 @@ class SFTRecipe:
 
         return to_device(collate(micro.rows, self.tokenizer.pad_token_id, self.packed), self.accel.device)
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, label_smoothing: float | None = None):
+        """Summed masked cross-entropy (label smoothing while training; eval passes 0: the plain CE)."""
         from tuneforge.train.loss import forward_logits, summed_ce
 
-        return summed_ce(forward_logits(model, batch), batch["targets"])
+        smoothing = self.cfg.train.label_smoothing if label_smoothing is None else label_smoothing
+        return summed_ce(forward_logits(model, batch), batch["targets"], label_smoothing=smoothing)
 
     @staticmethod
     def count(batch) -> int:
@@ -200,7 +202,8 @@ class SFTRecipe:
 
         mine = eval_batches(self.data.eval, self.cfg.train.micro_batch_size, self.accel.process_index,
                             self.accel.num_processes, layout="packed" if self.cfg.data.packing == "padding_free" else "rows")
-        return evaluate(self.accel, self.model, [(self.collate(mb), mb.dummy) for mb in mine], self.loss, self.count)
+        plain_ce = lambda model, batch: self.loss(model, batch, label_smoothing=0.0)  # noqa: E731
+        return evaluate(self.accel, self.model, [(self.collate(mb), mb.dummy) for mb in mine], plain_ce, self.count)
 
     def _generate_eval(self, step: int, tag: str) -> dict:
         from tuneforge.metrics import score
