@@ -714,3 +714,14 @@ def test_fuzz_suite_size():
     total = (len(USAGE_CASES) + len(SCHEMA_CASES) + len(CONFLICTS) + len(OVERRIDES) + len(CONFIG_FILES) + len(BAD_ROWS)
              + len(DATA_FILES) + len(_library_exceptions()) + len(SUBPROCESS_CASES))
     assert total >= 300, total
+
+
+def test_eval_size_larger_than_the_data_is_refused_not_shrunk(work):
+    rows = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a"}]} for i in range(5)]
+    data = write(work / "five.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config_file(work, data={"train": [{"path": str(data)}], "eval_size": 5})
+    assert_one_error(cli("prepare", cfg, "--set", f"output.dir={work / 'evalsize'}"), "data.eval_size (5)", "5 samples")
+    proc = cli("prepare", cfg, "--set", "data.eval_size=2", "--set", f"output.dir={work / 'evalsize'}")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((work / "evalsize" / "data_report.json").read_text())
+    assert (report["train_samples"], report["eval_samples"]) == (3, 2)

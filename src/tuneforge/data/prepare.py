@@ -207,7 +207,10 @@ def _split(items: list, data_cfg: DataConfig, seed: int) -> tuple[list, list]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     if data_cfg.eval_size:
-        n_eval = min(data_cfg.eval_size, len(items) - 1)
+        if items and data_cfg.eval_size >= len(items):  # never shrink it silently
+            raise UserError(f"data.eval_size ({data_cfg.eval_size}) leaves no training data: {len(items)} samples "
+                            "remain after cleaning (lower data.eval_size)")
+        n_eval = data_cfg.eval_size
     elif data_cfg.eval_split > 0 and len(items) > 1:
         n_eval = max(1, round(len(items) * data_cfg.eval_split))
     else:
