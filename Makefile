@@ -7,7 +7,7 @@ DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,12 @@ demo: setup $(DEMO_MODEL)
 	$(BIN)/tuneforge merge runs/demo
 	$(BIN)/tuneforge generate runs/demo/merged --prompt "Turn this into a JSON record: Ines Moreau is 41, lives in Lyon and works as a baker."
 
-test: setup
+# Debian's chromium for the dashboard and report browser tests (test tools never download a browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install Debian's chromium; the browser tests will say so and skip"
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

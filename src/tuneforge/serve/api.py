@@ -226,6 +226,9 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
     def health() -> dict[str, Any]:
         return {"ok": True, "running": len(worker.procs), "concurrency": worker.concurrency}
 
+    from tuneforge.serve.dashboard import add_dashboard
+
+    add_dashboard(app, current_user, own_job)  # the page at / and the metric history its curves need
     return app
 
 
