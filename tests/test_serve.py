@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve_helpers import make_workspace, seed_request, wait_for  # noqa: E402
+from serve_helpers import make_workspace, malformed_requests, seed_request, wait_for  # noqa: E402
 from tuneforge.serve.api import create_app  # noqa: E402
 from tuneforge.serve.auth import create_token  # noqa: E402
 
@@ -162,3 +162,19 @@ def test_oversized_bad_json_and_no_tracebacks(server):
         assert "Traceback" not in r.text
     assert client.get("/v1/jobs/" + "a" * 500, headers=h(tokens)).status_code == 404
     assert client.get("/v1/jobs/zzz/artifacts/../../jobs.db", headers=h(tokens)).status_code in (400, 404)
+
+
+def test_200_malformed_requests_are_4xx_never_500(server):
+    client, tokens, _, _ = server
+    before = {j["id"] for j in client.get("/v1/jobs", headers=h(tokens)).json()["jobs"]}
+    results = []
+    for label, raw in malformed_requests(200):
+        r = client.post("/v1/jobs", content=raw, headers={**h(tokens), "content-type": "application/json"})
+        results.append((label, r.status_code, r.text))
+    wrong = [(label, code, text[:200]) for label, code, text in results if not 400 <= code < 500]
+    assert not wrong, wrong
+    assert not [t for _, _, t in results if "Traceback" in t or 'File "' in t]
+    assert {code for label, code, _ in results if label == "oversized body"} == {413}
+    assert {code for label, code, _ in results if label in ("path traversal", "absolute path")} == {400}
+    assert {code for label, code, _ in results if label.startswith("unknown key")} == {422}
+    assert {j["id"] for j in client.get("/v1/jobs", headers=h(tokens)).json()["jobs"]} == before  # none was queued

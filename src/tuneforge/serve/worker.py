@@ -126,9 +126,10 @@ class Worker:
         if not self.recovered:
             self.recover()
         self._reap()
-        self._watch_orphans()
+        orphans = self._watch_orphans()
         self._cancel_requested()
-        self._start_queued()
+        if not orphans:  # a child of the previous server still holds its GPU/CPU slot: start nothing until it exits
+            self._start_queued()
 
     def recover(self) -> None:
         """After a (re)start: jobs that wait for credentials this process no longer has must ask again."""
@@ -148,16 +149,19 @@ class Worker:
             self.term_sent.pop(job_id, None)
             self._finished(job_id, rc)
 
-    def _watch_orphans(self) -> None:
-        """Jobs marked running that no child of ours runs: left by a server that died."""
+    def _watch_orphans(self) -> int:
+        """Jobs marked running that no child of ours runs: left by a server that died. Returns how many live on."""
+        alive = 0
         for job in self.store.jobs(status=RUNNING):
             if job.id in self.procs:
                 continue
             if pid_is_job(job.pid, job.id):
                 if job.cancel_requested and job.id not in self.term_sent:
                     self._term(job.id, job.pid)
+                alive += 1
                 continue  # still checkpointing (or running on without PDEATHSIG): never start it twice
             self._finished(job.id, None)
+        return alive
 
     def _cancel_requested(self) -> None:
         for job_id, (proc, _slot) in self.procs.items():
@@ -214,6 +218,8 @@ class Worker:
         env = {k: v for k, v in os.environ.items() if k not in BLOCKED_ENV}
         env.update(self.credentials.get(job.id, {}))
         env.update({"TUNEFORGE_JOB_ID": job.id, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "120"})
+        if (config_of(job).get("tracking") or {}).get("wandb") and not env.get("WANDB_API_KEY"):
+            env.setdefault("WANDB_MODE", "offline")  # no key sent: W&B logs into the run, syncable later
         if self.slots[slot] is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.slots[slot]
         workspace = self.store.data_dir / "users" / job.user

@@ -116,6 +116,9 @@ class Translator:
         except Ignored as exc:
             self.rows.append(Row(key, value, IGNORED, note=str(exc)))
             return
+        except (ValueError, TypeError) as exc:  # a value of the wrong type for its rule (e.g. learning_rate: "abc")
+            self.rows.append(Row(key, value, NOT_MAPPED, note=f"value not accepted by tuneforge: {exc}"))
+            return
         except Secret as exc:
             if value:
                 self.env[exc.env_var] = str(value)
