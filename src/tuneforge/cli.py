@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -52,13 +53,27 @@ def _load(config: Path, overrides: Optional[List[str]]):
 
 @app.command()
 def train(config: Path, overrides: Optional[List[str]] = SetOpt,
-          resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output.dir.")):
+          resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output.dir."),
+          nproc: int = typer.Option(1, "--nproc", min=1, max=1024, help="Training processes on this machine (one per GPU; DDP, or train.deepspeed / train.fsdp).")):
     """Fine-tune a model as described by CONFIG (YAML or JSON)."""
     cfg = _load(config, overrides)
+    from tuneforge.train import launch
+
+    launch.check_launchable(nproc)
+    if launch.needs_launch(cfg, nproc):
+        from tuneforge.train.sft import SFTRecipe
+
+        SFTRecipe(cfg, resume=resume)  # its run-directory checks fail here, once, before any process starts
+        code = launch.launch(nproc, launch.train_args(config, overrides, resume), console.print)
+        if code:
+            raise typer.Exit(code)
+        return  # the main rank printed the summary
     from tuneforge.train.sft import run
 
-    summary = run(cfg, resume=resume, log=console.print)
-    _print_summary(cfg.run_dir, summary)
+    main_rank = os.environ.get("RANK", "0") == "0"  # other ranks train silently
+    summary = run(cfg, resume=resume, log=console.print if main_rank else (lambda *a, **k: None))
+    if main_rank:
+        _print_summary(cfg.run_dir, summary)
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:

@@ -19,7 +19,8 @@ def mixed_precision(cfg) -> str:
 
 def make_accelerator(cfg):
     import torch
-    from accelerate import Accelerator
+
+    from tuneforge.train.engines import build_accelerator
 
     if cfg.train.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -27,8 +28,9 @@ def make_accelerator(cfg):
     # step_scheduler_with_optimizer=False: our schedule counts optimizer steps; accelerate would otherwise
     # step it once per process per step (it assumes a dataloader sharded by world size).
     # dynamo_backend: accelerate compiles the model in prepare() and unwraps it for saving.
-    return Accelerator(mixed_precision=mixed_precision(cfg), cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False, dynamo_backend="inductor" if cfg.train.compile else "no")
+    # The engine (DDP, DeepSpeed ZeRO, FSDP2) is chosen from train.deepspeed / train.fsdp in train/engines.py.
+    return build_accelerator(cfg, mixed_precision(cfg), step_scheduler_with_optimizer=False,
+                             dynamo_backend="inductor" if cfg.train.compile else "no")
 
 
 def seed_everything(seed: int) -> None:

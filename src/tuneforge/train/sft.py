@@ -43,7 +43,7 @@ class SFTRecipe:
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
         from tuneforge.data.batcher import Batcher
-        from tuneforge.data.prepare import prepare
+        from tuneforge.train.launch import prepare_once
         from tuneforge.model.adapters import prepare_for_training
         from tuneforge.model.load import load_model, load_tokenizer, resolve_model_dir
         from tuneforge.train import checkpoint
@@ -61,8 +61,8 @@ class SFTRecipe:
         seed_everything(t.seed)
         self.source = resolve_model_dir(cfg.model, self.log)
         self.tokenizer = load_tokenizer(self.source, cfg.model)
-        with self.accel.main_process_first():  # preparation runs once; other ranks hit the cache
-            self.data = prepare(cfg.data, self.tokenizer)
+        # Preparation runs once (main process); the others wait for its cache on disk, not in a collective.
+        self.data = prepare_once(self.accel, cfg.data, self.tokenizer, self.log)
         if not self.data.train:
             raise UserError(f"the data holds {len(self.data.pairs)} preference pairs and no SFT samples: preference training "
                             "(DPO) is not available yet; `tuneforge prepare` stores the pairs for it")

@@ -13,7 +13,6 @@ processes: batch 8 x accum 1 == batch 2 x accum 4 == 2 processes x batch 4.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -29,7 +28,7 @@ def accumulate(accel, model, batches: list[dict], loss: LossFn, count: Callable[
                tokens: Callable[[dict], int] | None = None) -> dict:
     """Forward + backward over `batches` (this process's micro-batches of one step, already on device).
 
-    Gradient sync (DDP all-reduce) happens on the last micro-batch only. Returns the step's mean loss over
+    Gradient sync (DDP all-reduce, ZeRO reduce) happens on the last micro-batch only. Returns the step's mean loss over
     all processes, the totals it was normalised by, and any extra metrics (same normalisation)."""
     device = accel.device
     local = torch.tensor([sum(count(b) for b in batches), sum(tokens(b) for b in batches) if tokens else 0],
@@ -37,16 +36,21 @@ def accumulate(accel, model, batches: list[dict], loss: LossFn, count: Callable[
     n_count, n_tokens = accel.reduce(local, reduction="sum").tolist()
     if n_count == 0:
         raise ValueError("this optimizer step has nothing to learn from (0 target units on every process)")
-    # DDP/ZeRO average gradients over processes; scaling by world size turns that back into a sum.
-    scale = accel.num_processes / n_count
+    # DDP/ZeRO/FSDP average gradients over processes and accelerate (or DeepSpeed) divides each backward by
+    # the accumulation steps; scaling by both turns that back into a sum.
+    if len(batches) != accel.gradient_accumulation_steps:
+        raise ValueError(f"{len(batches)} micro-batches but the Accelerator accumulates {accel.gradient_accumulation_steps}")
+    scale = accel.num_processes * accel.gradient_accumulation_steps / n_count
     total = torch.zeros((), device=device, dtype=torch.float64)
     extra: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        with (nullcontext() if last else accel.no_sync(model)), accel.autocast():
-            out = loss(model, batch)
-        loss_sum, metrics = out if isinstance(out, tuple) else (out, {})
-        accel.backward(loss_sum * scale)
+    for batch in batches:
+        # accumulate(): no gradient sync but on the last micro-batch (DDP no_sync, FSDP2 requires_gradient_sync,
+        # DeepSpeed's accumulation boundary, where its engine also steps the optimizer).
+        with accel.accumulate(model):
+            with accel.autocast():
+                out = loss(model, batch)
+            loss_sum, metrics = out if isinstance(out, tuple) else (out, {})
+            accel.backward(loss_sum * scale)
         total += loss_sum.detach().double()
         for k, v in metrics.items():
             extra[k] = extra.get(k, 0) + v.detach().double()

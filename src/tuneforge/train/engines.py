@@ -1,0 +1,110 @@
+"""Distributed engines, all through accelerate: DDP (default), DeepSpeed ZeRO 1/2/3 (+ CPU offload), FSDP2.
+
+One config key picks the engine (`train.deepspeed: zero3` or `train.fsdp: true`); everything else (the
+step, checkpoints, the consolidated final model) is the same code for every engine, because accelerate's
+`backward`, `accumulate`, `save_state`/`load_state` and `get_state_dict` are collective and engine-aware.
+
+DeepSpeed configs are JSON files: five presets ship in `train/deepspeed/` (selected by name) and a user's
+own file is accepted. tuneforge's `train:` section stays the one source for batch size, accumulation,
+clipping and precision: those keys are filled in from it, and a file that sets them differently is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+from tuneforge.config.schema import DEEPSPEED_PRESETS
+from tuneforge.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "deepspeed"
+# Ranks wait for each other in collectives (e.g. while the main process saves a large checkpoint); the
+# default 10-30 min NCCL timeout kills long saves on slow disks. Data preparation does not rely on it.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+def describe(train_cfg) -> str:
+    """A short name for run_info / logs: ddp, deepspeed:zero3, fsdp2."""
+    if train_cfg.deepspeed:
+        return f"deepspeed:{Path(train_cfg.deepspeed).stem if train_cfg.deepspeed.endswith('.json') else train_cfg.deepspeed}"
+    return "fsdp2" if train_cfg.fsdp else "ddp"
+
+
+def load_deepspeed_json(name_or_path: str) -> dict:
+    """A preset by name (zero1 ... zero3_offload) or a user JSON file."""
+    path = PRESET_DIR / f"{name_or_path}.json" if name_or_path in DEEPSPEED_PRESETS else Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"train.deepspeed: {name_or_path} is neither a preset ({', '.join(DEEPSPEED_PRESETS)}) nor an existing JSON file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"train.deepspeed: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def deepspeed_config(train_cfg, mixed_precision: str, cuda: bool) -> dict:
+    """The DeepSpeed dict with the keys tuneforge owns filled from `train:` (world size is added by accelerate)."""
+    ds = load_deepspeed_json(train_cfg.deepspeed)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (1, 2, 3):
+        raise UserError(f"train.deepspeed: zero_optimization.stage must be 1, 2 or 3 (got {zero.get('stage')!r})")
+    ours = {
+        "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
+        "gradient_accumulation_steps": train_cfg.grad_accum,
+        # No clipping = 0 in DeepSpeed; tuneforge's update() clips through accelerate, which defers to DeepSpeed.
+        "gradient_clipping": train_cfg.max_grad_norm or 0.0,
+    }
+    for key, value in ours.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise UserError(f"train.deepspeed: the JSON sets {key}={ds[key]} but the tuneforge config gives {value} "
+                            f"(set it in train: and use \"auto\" in the JSON)")
+        ds[key] = value
+    ds.pop("train_batch_size", None)  # accelerate derives it: micro batch x accumulation x processes
+    for flag, on in (("bf16", mixed_precision == "bf16"), ("fp16", mixed_precision == "fp16")):
+        ds.setdefault(flag, {})["enabled"] = on
+    # Any torch optimizer (ours) also with offload; DeepSpeedCPUAdam would need a JIT C++ build.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    if not cuda:  # pinned memory needs a GPU driver
+        for key in ("offload_optimizer", "offload_param"):
+            if isinstance(zero.get(key), dict):
+                zero[key]["pin_memory"] = False
+    if zero.get("stage") == 3:
+        # Without it a ZeRO-3 model saves empty tensors: get_state_dict must gather the full weights.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return ds
+
+
+def build_accelerator(cfg, mixed_precision: str, **kwargs):
+    """The Accelerator for this run's engine. kwargs go to Accelerator (e.g. step_scheduler_with_optimizer)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    t, cuda = cfg.train, torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)]
+    # Accelerate counts micro-batches: backward divides by this and accumulate() syncs on the last one.
+    kwargs["gradient_accumulation_steps"] = t.grad_accum
+    if t.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        if not cuda:
+            # accelerate ignores DeepSpeed with cpu=True and finds no backend without a GPU: name gloo.
+            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=COLLECTIVE_TIMEOUT)]
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(t, mixed_precision, cuda))
+        return Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugin, kwargs_handlers=handlers, **kwargs)
+    if t.fsdp:
+        if not cuda:
+            raise UserError("train.fsdp: accelerate runs FSDP on GPUs only (on CPU it would silently fall back to DDP); "
+                            "use train.deepspeed: zero3 to shard on CPU, or run on GPUs")
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",  # one shard group per decoder layer (model._no_split_modules)
+            reshard_after_forward=True,  # ZeRO-3-like: parameters are gathered per layer, freed after use
+            state_dict_type="SHARDED_STATE_DICT",  # checkpoints: every rank writes its shard (torch DCP)
+            cpu_ram_efficient_loading=False,
+        )
+        return Accelerator(mixed_precision=mixed_precision, fsdp_plugin=plugin, kwargs_handlers=handlers, **kwargs)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=handlers, **kwargs)
+
