@@ -32,6 +32,7 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
 def run_tuneforge(model_dir, data, out, steps, batch, packing) -> dict:
     from tuneforge.config.schema import Config
     from tuneforge.train.sft import SFTRecipe
+    from tuneforge.train.step import update
 
     cfg = Config.model_validate({
         "model": {"path": str(model_dir)},
@@ -46,7 +47,8 @@ def run_tuneforge(model_dir, data, out, steps, batch, packing) -> dict:
     tokens = 0
     began = time.perf_counter()
     for step in range(steps):
-        tokens += r._optimizer_step(step)["tokens"]
+        tokens += r.backward_step(step)["tokens"]
+        update(r.accel, r.model, r.optimizer, r.scheduler, cfg.train.max_grad_norm)
     return {"tokens": tokens, "seconds": time.perf_counter() - began}
 
 
