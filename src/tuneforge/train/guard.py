@@ -49,6 +49,10 @@ class RunGuard:
 
         run, t = self.run, self.cfg.train
         if not run.exists():
+            from tuneforge.outputs import artifact_kind
+
+            if run.root.is_dir() and artifact_kind(run.root) == "run":
+                return  # killed while starting up (no run_info.json yet): resuming starts at step 0
             raise UserError(f"--resume: {run.root} holds no run to resume (start it without --resume)")
         info = run.info()
         latest = run.latest_checkpoint()
