@@ -158,7 +158,7 @@ class SFTRecipe:
         if self.resume:
             self.tracker.truncate_after(self.start_step)
         if self.start_step == 0 and t.generate_eval.samples:
-            self._generate_eval(step=0, tag="before")
+            self._generate_eval(step=0, tag="before")  # (skipped for a 4-bit model on CPU: see _generate_eval)
         self.model.train()
         last = {}
         with progress_bar(self.total_steps, self.start_step) as bar:
@@ -210,6 +210,11 @@ class SFTRecipe:
         from tuneforge.model.generate import generate_batch
 
         g = self.cfg.train.generate_eval
+        if tag == "before" and self.cfg.model.quantize == "4bit" and self.accel.device.type == "cpu":
+            # Generation runs in eval mode, where bitsandbytes repacks 4-bit weights for CPU inference and
+            # LoRA training on them goes wrong afterwards: only the after-training answers are scored.
+            self.log("generate_eval: skipped before training (4-bit model on CPU); scored after training only")
+            return {}
         convs = [s.messages for s in self.data.eval if isinstance(s.messages, list)][: g.samples]  # not corpus text
         last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in convs]
         prompts = [c[:i] for c, i in zip(convs, last)]

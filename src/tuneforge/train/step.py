@@ -13,6 +13,7 @@ processes: batch 8 x accum 1 == batch 2 x accum 4 == 2 processes x batch 4.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -79,15 +80,33 @@ def update(accel, model, optimizer, scheduler, max_grad_norm: float | None) -> d
 def evaluate(accel, model, batches: list[tuple[dict, bool]], loss: LossFn, count: Callable[[dict], int]) -> float:
     """Mean loss over this rank's eval micro-batches, reduced over ranks: sum of losses / sum of counts.
     `batches` are (batch, dummy) pairs; a dummy batch runs (sharded models need every rank) but is not counted."""
-    was_training = model.training
-    model.eval()
     acc = torch.zeros(2, device=accel.device, dtype=torch.float64)
-    for batch, dummy in batches:
-        with accel.autocast():
-            out = loss(model, batch)
-        loss_sum = out[0] if isinstance(out, tuple) else out
-        if not dummy:
-            acc += torch.stack([loss_sum.detach().double(), torch.tensor(float(count(batch)), device=accel.device, dtype=torch.float64)])
-    model.train(was_training)
+    with eval_mode(model):
+        for batch, dummy in batches:
+            with accel.autocast():
+                out = loss(model, batch)
+            loss_sum = out[0] if isinstance(out, tuple) else out
+            if not dummy:
+                acc += torch.stack([loss_sum.detach().double(), torch.tensor(float(count(batch)), device=accel.device, dtype=torch.float64)])
     total, n = accel.reduce(acc, reduction="sum").tolist()
     return total / n if n else float("nan")
+
+
+def is_cpu_4bit(module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and module.weight.device.type == "cpu"
+
+
+@contextmanager
+def eval_mode(model):
+    """model.eval() (no dropout) for a forward - except bitsandbytes 4-bit layers on CPU, which stay in train
+    mode: an eval-mode forward repacks their weights for CPU inference, and LoRA training on them is wrong
+    afterwards (see STACK-NOTES; tested in test_core_qlora.py)."""
+    was_training = model.training
+    model.eval()
+    for m in model.modules():
+        if is_cpu_4bit(m):
+            m.train(True)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
