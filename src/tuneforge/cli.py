@@ -137,12 +137,16 @@ def _print_report(data) -> None:
 def merge(run_dir: Path, out: Optional[Path] = typer.Option(None, help="Output dir (default RUN_DIR/merged)."),
           tolerance: float = typer.Option(1e-3, callback=_finite(0.0, 1e3, lo_open=True),
                                           help="Max |logit difference| allowed between adapter and merged model."),
-          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merge at --out (only a tuneforge merge).")):
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merge at --out (only a tuneforge merge)."),
+          dtype: str = typer.Option("float32", help="Saved weights dtype: float32, bfloat16 or float16 (half types: relative parity)."),
+          max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard, e.g. 2GB or 500MB.")):
     """Fuse a LoRA adapter into full weights, loadable by plain transformers; checks logit parity."""
     from tuneforge.export.merge import merge as run_merge
 
-    report = run_merge(str(run_dir), str(out) if out else None, tolerance, overwrite=overwrite)
-    Console().print(f"merged -> {report['out']}  max |logit diff| {report['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}) OK")
+    report = run_merge(str(run_dir), str(out) if out else None, tolerance, overwrite=overwrite, dtype=dtype,
+                       max_shard_size=max_shard_size, log=console.print)
+    Console().print(f"merged -> {report['out']}  ({report['dtype']}, {report['shards']} shard(s))  max |logit diff| "
+                    f"{report['max_abs_logit_diff']:.2e} (relative {report['max_rel_logit_diff']:.2e}, tolerance {tolerance:g}) OK")
 
 
 @app.command()
