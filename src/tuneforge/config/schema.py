@@ -276,6 +276,10 @@ class TrainConfig(Section):
         "cosine", description="Schedule after warmup: cosine / linear decay to 0, constant (no warmup), constant_with_warmup, cosine_with_min_lr (to lr x min_lr_ratio).")
     min_lr_ratio: float = Field(0.1, ge=0, lt=1, description="cosine_with_min_lr: final lr as a fraction of the peak.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing (0 = off).")
+    loss_kernel: Literal["chunked", "fused_linear", "liger"] = Field(
+        "chunked", description="Cross-entropy kernel: chunked (logits never upcast to fp32 as a whole), fused_linear "
+        "(no logits tensor at all: head matmul + loss in row chunks, plain torch), liger (Liger's fused kernel; GPU, "
+        "pip install liger-kernel). fused_linear/liger fall back to chunked for LoRA-adapted heads and ZeRO-3/FSDP.")
     neftune_alpha: Optional[float] = Field(None, gt=0, le=1000, description="NEFTune: uniform noise of scale alpha/sqrt(tokens x hidden) on input embeddings while training (e.g. 5).")
     compile: bool = Field(False, description="torch.compile the model (opt-in; pays off on GPU for long runs).")
     tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere+ GPUs (faster fp32, ~10-bit mantissa).")

@@ -69,6 +69,96 @@ def summed_ce(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: floa
     return _ChunkedCE.apply(logits, targets, float(label_smoothing), rows)
 
 
+class _FusedLinearCE(torch.autograd.Function):
+    """sum CE(hidden @ weight.T, targets) without ever forming the (N, V) logits: row chunks of logits are
+    made, turned into their loss and into the gradients for hidden and weight, and dropped."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, smoothing: float, chunk: int):
+        h, tgt = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, H), (N,)
+        grad_h = torch.zeros_like(h) if hidden.requires_grad else None
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None  # (V, H), weight dtype, like its .grad
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            t = tgt[start : start + chunk]
+            keep = t != IGNORE
+            if not bool(keep.any()):
+                continue
+            hc = h[start : start + chunk]
+            x = (hc @ weight.T).float()  # (n, V): one chunk of logits, fp32
+            safe_t = torch.where(keep, t, 0)[:, None]
+            lse = torch.logsumexp(x, dim=-1)
+            loss = lse - (1 - smoothing) * x.gather(1, safe_t).squeeze(1) - (smoothing * x.mean(dim=-1) if smoothing else 0)
+            total += loss[keep].sum()
+            g = torch.exp(x - lse[:, None]).sub_(smoothing / x.shape[-1])
+            g.scatter_add_(1, safe_t, torch.full_like(g[:, :1], -(1 - smoothing)))
+            g = g.mul_(keep[:, None].to(g.dtype)).to(weight.dtype)  # d loss / d logits of this chunk
+            if grad_h is not None:
+                grad_h[start : start + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w.addmm_(g.T, hc.to(weight.dtype))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.shape = hidden.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = None if bool(grad_out == 1) else grad_out
+        if scale is not None:
+            grad_h = grad_h.mul_(scale.to(grad_h.dtype)) if grad_h is not None else None
+            grad_w = grad_w.mul_(scale.to(grad_w.dtype)) if grad_w is not None else None
+        return (grad_h.view(ctx.shape) if grad_h is not None else None), grad_w, None, None, None
+
+
+def fused_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                    chunk: int | None = None) -> torch.Tensor:
+    """Sum of CE(hidden @ weight.T, targets) over targets != IGNORE, never holding (tokens, vocab) at all."""
+    rows = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    return _FusedLinearCE.apply(hidden, weight, targets, float(label_smoothing), rows)
+
+
+LOSS_KERNELS = ("chunked", "fused_linear", "liger")
+
+
+def output_head(model):
+    """The LM head's weight when the loss may bypass the head module (a plain Linear, no bias, no softcap,
+    not adapted by LoRA), else None (then the loss uses the logits)."""
+    unwrapped = getattr(model, "module", model)  # DDP
+    head = unwrapped.get_output_embeddings() if hasattr(unwrapped, "get_output_embeddings") else None
+    config = getattr(unwrapped, "config", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or getattr(config, "final_logit_softcapping", None):
+        return None
+    w = head.weight
+    # ZeRO-3 (ds_id, empty outside forward) and FSDP2 (DTensor shards) only gather weights inside forward.
+    if w.dim() != 2 or w.numel() == 0 or hasattr(w, "ds_id") or type(w).__name__ == "DTensor":
+        return None
+    return w
+
+
+def forward_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, H) final hidden states (after the last norm); the model computes logits for one position only."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def token_loss(model, batch: dict[str, torch.Tensor], kernel: str = "chunked", label_smoothing: float = 0.0) -> torch.Tensor:
+    """The summed masked CE of a batch by the chosen kernel. fused_linear / liger go from the final hidden
+    states straight to the loss (no logits tensor); they fall back to chunked when the head is not a plain
+    Linear (LoRA-adapted or resized-and-wrapped head, bias, logit softcapping)."""
+    weight = output_head(model) if kernel != "chunked" else None
+    if weight is None:
+        return summed_ce(forward_logits(model, batch), batch["targets"], label_smoothing)
+    hidden = forward_hidden(model, batch)
+    if kernel == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        flce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="sum")
+        return flce(weight, hidden.reshape(-1, hidden.shape[-1]), batch["targets"].reshape(-1))
+    return fused_linear_ce(hidden, weight, batch["targets"], label_smoothing)
+
+
 def reference_ce(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """The plain full-vocabulary fp32 loss, kept as the yardstick for tests and benchmarks."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum",

@@ -42,7 +42,6 @@ class SFTRecipe:
 
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from tuneforge.data.batcher import Batcher
         from tuneforge.train.launch import prepare_once
         from tuneforge.model.adapters import prepare_for_training
         from tuneforge.model.load import load_model, load_tokenizer, resolve_model_dir
@@ -63,12 +62,8 @@ class SFTRecipe:
         self.tokenizer = load_tokenizer(self.source, cfg.model)
         # Preparation runs once (main process); the others wait for its cache on disk, not in a collective.
         self.data = prepare_once(self.accel, cfg.data, self.tokenizer, self.log)
-        if not self.data.train:
-            raise UserError(f"the data holds {len(self.data.pairs)} preference pairs and no SFT samples: preference training "
-                            "(DPO) is not available yet; `tuneforge prepare` stores the pairs for it")
         self.packed = cfg.data.packing != "off"
-        self.batcher = Batcher(self.data.train, self.data.units, t.micro_batch_size, t.grad_accum, self.accel.num_processes,
-                               t.seed, layout="packed" if cfg.data.packing == "padding_free" else "rows")
+        self.batcher = self.make_batcher()
         self._plan_steps()
         model = prepare_for_training(load_model(self.source, cfg.model), cfg, self.tokenizer, self.log)
         self.guard.preflight(model)  # enough disk for the checkpoints, before the first step
@@ -78,6 +73,17 @@ class SFTRecipe:
         checkpoint.install_trainable_only_hooks(self.accel)
         self.start_step = self._restore() if self.resume else 0
         self._write_run_files()
+
+    def make_batcher(self):
+        """The training items and how they are dealt out (a preference recipe deals pairs: train/dpo.py)."""
+        from tuneforge.data.batcher import Batcher
+
+        cfg, t = self.cfg, self.cfg.train
+        if not self.data.train:
+            raise UserError(f"the data holds {len(self.data.pairs) + len(self.data.eval_pairs)} preference pairs / KTO rows and no "
+                            "SFT samples: set train.method: dpo (or orpo, simpo, kto) to train on them")
+        return Batcher(self.data.train, self.data.units, t.micro_batch_size, t.grad_accum, self.accel.num_processes,
+                       t.seed, layout="packed" if cfg.data.packing == "padding_free" else "rows")
 
     def _plan_steps(self) -> None:
         t, d, b = self.cfg.train, self.cfg.data, self.batcher
@@ -127,10 +133,10 @@ class SFTRecipe:
 
     def loss(self, model, batch, label_smoothing: float | None = None):
         """Summed masked cross-entropy (label smoothing while training; eval passes 0: the plain CE)."""
-        from tuneforge.train.loss import forward_logits, summed_ce
+        from tuneforge.train.loss import token_loss
 
         smoothing = self.cfg.train.label_smoothing if label_smoothing is None else label_smoothing
-        return summed_ce(forward_logits(model, batch), batch["targets"], label_smoothing=smoothing)
+        return token_loss(model, batch, self.cfg.train.loss_kernel, smoothing)
 
     @staticmethod
     def count(batch) -> int:
@@ -261,9 +267,19 @@ class SFTRecipe:
         return summary
 
 
-def run(cfg: Config, resume: bool = False, log=print, recipe_cls=SFTRecipe) -> dict:
-    """Run a recipe; a run that dies ends `failed` (or `interrupted`) with the one-line reason in run_info.json."""
-    recipe = recipe_cls(cfg, resume=resume, log=log)
+def recipe_for(cfg: Config) -> type:
+    """train.method -> its recipe class."""
+    if cfg.train.method == "sft":
+        return SFTRecipe
+    from tuneforge.train.dpo import RECIPES
+
+    return RECIPES[cfg.train.method]
+
+
+def run(cfg: Config, resume: bool = False, log=print, recipe_cls=None) -> dict:
+    """Run a recipe (train.method's, unless given); a run that dies ends `failed` (or `interrupted`) with the
+    one-line reason in run_info.json."""
+    recipe = (recipe_cls or recipe_for(cfg))(cfg, resume=resume, log=log)
     try:
         recipe.setup()
         return recipe.save(recipe.train())
