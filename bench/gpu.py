@@ -155,6 +155,9 @@ def setups(big: str, small: str, args) -> dict:
     return {
         "full/tuneforge_default": lambda w: run_tuneforge(w, small, args, "full", micro_batch_size=args.batch),
         "full/tuneforge_token_budget": lambda w: run_tuneforge(w, small, args, "full", micro_batch_tokens=budget),
+        "full/tuneforge_budget_fused_linear": lambda w: run_tuneforge(w, small, args, "full", micro_batch_tokens=budget,
+                                                                      loss_kernel="fused_linear"),
+        "full/tuneforge_budget_liger": lambda w: run_tuneforge(w, small, args, "full", micro_batch_tokens=budget, loss_kernel="liger"),
         "full/tuneforge_bins": lambda w: run_tuneforge(w, small, args, "full", packing="bins", micro_batch_size=args.batch),
         "full/trl_defaults": lambda w: run_trl(w, small, args),
         "full/trl_packing": lambda w: run_trl(w, small, args, packing=True),
