@@ -99,3 +99,29 @@ def test_plan_cli_fits_and_suggests(tmp_path, llama_dir):
     assert "does NOT fit" in tight.stdout and "to make it fit" in tight.stdout and "gradient_checkpointing" in tight.stdout
     bad = run_cli("plan", cfg, "--gpu", "gtx-potato")
     assert bad.returncode == 2 and "unknown --gpu" in bad.stderr
+
+
+def test_train_refuses_a_run_the_plan_says_cannot_fit_on_the_gpu(tmp_path, llama_dir, monkeypatch):
+    """`train` runs the plan first on a GPU (simulated here: a 64 MiB device) and refuses in one line."""
+    import types
+
+    import torch
+
+    from tuneforge.config.load import load_config
+    from tuneforge.errors import UserError
+    from tuneforge.train.preflight import check_plan_on_gpu
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    cfg = load_config(write_config(tmp_path / "c.yaml", llama_dir, data, tmp_path / "run"),
+                      ["train.finetune=full", "train.micro_batch_size=64", "data.max_length=512"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=64 * 2**20))
+    with pytest.raises(UserError, match="memory plan: .* per GPU needed, the GPU has 64.0 MiB"):
+        check_plan_on_gpu(cfg)
+    monkeypatch.setenv("TUNEFORGE_SKIP_PLAN", "1")
+    check_plan_on_gpu(cfg)
+    monkeypatch.delenv("TUNEFORGE_SKIP_PLAN")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * 2**30))
+    check_plan_on_gpu(cfg)  # fits: silent

@@ -210,3 +210,17 @@ def test_custom_callable_needs_explicit_opt_in(monkeypatch):
     monkeypatch.setenv("TUNEFORGE_ALLOW_CODE", "1")
     DataConfig.model_validate(spec)
     DataConfig.model_validate({"train": [{"custom": "registered-name"}]})  # a registered name runs no config-chosen code
+
+
+def test_doctor_table_names_every_piece():
+    from helpers import run_cli_inprocess
+
+    proc = run_cli_inprocess("doctor")
+    assert proc.returncode == 0, proc.stderr
+    for piece in ("python", "torch", "accelerator", "bitsandbytes", "deepspeed", "flash-attn", "disk: working dir", "HF cache"):
+        assert piece in proc.stdout, piece
+    from tuneforge.doctor import checks
+
+    rows = {c.name: c for c in checks()}
+    assert rows["python"].ok and rows["torch"].ok
+    assert all(c.hint for c in rows.values() if not c.ok)  # every missing piece says what to do
