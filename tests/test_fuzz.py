@@ -327,6 +327,12 @@ CONFIG_FILES = [
     ("deep.json", "[" * 100000, "nested too deeply"),
     ("list.json", "[1, 2]", "must be a mapping"),
     ("bad-utf8.json", b'{"model": "\xc3\x28"}', "not UTF-8"),
+    ("aliases.yaml", "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
+     + "model: {path: org/m}\ndata: {train: [{path: x.jsonl, custom: null, options: {k: *i}}]}\n", "anchors/aliases"),
+    ("huge-value.yaml", "model: {path: org/m}\ndata: {train: [{path: x.jsonl}]}\ntrain: {lr: [" + ", ".join(["[1, 2, 3]"] * 5000) + "]}\n",
+     "train.lr"),
+
     ("unhashable.yaml", "? [a, b]\n: 1\n", "not valid YAML"),
     ("no-model.yaml", "data: {train: [{path: x.jsonl}]}\n", "missing required key 'model'"),
     ("no-data.yaml", "model: {path: org/m}\n", "missing required key 'data'"),

@@ -20,8 +20,9 @@ from tuneforge.errors import UserError
 MARKER = ".tuneforge.json"
 # Files that identify artifacts written before markers existed (kept so old run dirs still count as ours).
 LEGACY_MARKERS = {"run": "run_info.json", "merged": "merge_report.json"}
-# What `prepare` leaves in a run folder before training: the folder is a run to be, not a run to protect.
-PREPARED_ONLY = {MARKER, "data_report.json"}
+# A run folder without these never trained (only `prepare`, or a run that failed in its checks, wrote
+# there): it is a run to be, not a run to protect, and needs no overwrite.
+RUN_PRODUCTS = ("run_info.json", "checkpoints", "final")
 
 
 def artifact_kind(path: Path) -> str | None:
@@ -71,13 +72,13 @@ def check_output_dir(path: str | Path, kind: str, overwrite: bool, flag: str, co
                         "(pick a new or empty folder)")
     if found != kind:
         raise UserError(f"{p}: holds a tuneforge {found}, not a {kind}; refusing to replace it (pick another output folder)")
-    if not overwrite and not allow_existing_kind and not (kind == "run" and _only_prepared(p)):
+    if not overwrite and not allow_existing_kind and not (kind == "run" and _never_trained(p)):
         raise UserError(f"{p}: already holds a {kind} (set {flag} to replace it, or pick another folder)")
     return p
 
 
-def _only_prepared(p: Path) -> bool:
-    return {f.name for f in p.iterdir()} <= PREPARED_ONLY
+def _never_trained(p: Path) -> bool:
+    return not any((p / name).exists() for name in RUN_PRODUCTS)
 
 
 def check_prepare_dir(path: str | Path, config_path: Path | None = None, overwrite: bool = False) -> Path:

@@ -45,7 +45,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{p}: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: the config must be a mapping of sections (model:, data:, train:, ...)")
+    if expanded_size(data) > MAX_CONFIG_VALUES:
+        raise UserError(f"{p}: YAML anchors/aliases expand to more than {MAX_CONFIG_VALUES:,} values (a config never needs "
+                        "that many: remove the nested aliases)")
     return data
+
+
+MAX_CONFIG_VALUES = 1_000_000
+
+
+def expanded_size(obj: Any) -> int:
+    """Values in `obj` with every alias expanded, counted without expanding (shared nodes are memoised):
+    a few nested YAML aliases ("billion laughs") would otherwise hang validation or hashing."""
+    memo: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) not in memo:
+            children = node.values() if isinstance(node, dict) else node
+            memo[id(node)] = min(1 + sum(size(c) for c in children), MAX_CONFIG_VALUES + 1)
+        return memo[id(node)]
+
+    return size(obj)
 
 
 def yaml_problem(exc: Exception) -> str:
@@ -171,8 +193,17 @@ def explain(err: dict[str, Any], root: type[BaseModel]) -> str:
         if not loc or msg.startswith((dotted, loc[0] + ".", loc[0] + ":")):
             return msg
         return f"{dotted}.{msg}" if _names_field(msg) else f"{dotted}: {msg}"
-    got = repr(err.get("input"))
-    return f"{dotted}: {err['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
+    got = _short_repr(err.get("input"))
+    return f"{dotted}: {err['msg']} (got {got})"
+
+
+def _short_repr(value: Any) -> str:
+    """repr() bounded in depth and length (the value may be huge or built from YAML aliases)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 3, 60, 60
+    return r.repr(value)
 
 
 def _names_field(msg: str) -> bool:
