@@ -7,9 +7,9 @@ tokens (up to and including the assistant header) are stored once per pair; a co
 tokens are its replies' content + end-of-turn token, as in SFT (render.trained_spans).
 
 Too long: `data.pair_truncation` says what is cut first. completion_first (default) keeps the prompt
-whole and cuts the completions' ends; prompt_first drops the prompt's oldest tokens (down to half of
-max_length) before cutting completions. A prompt that alone fills max_length is a bad pair under both
-rules. Counts land in the data report under `preference`.
+whole and cuts the completions' ends (a prompt that alone fills max_length is a bad pair: on_bad_row);
+prompt_first drops the prompt's oldest tokens (down to half of max_length) before cutting completions.
+Counts land in the data report under `preference`.
 """
 
 from __future__ import annotations
@@ -197,8 +197,9 @@ def _token_at_or_after(enc, char: int, n_chars: int, n_tokens: int) -> int:
 
 
 def _truncate(prompt_ids: list[int], completions: list[Completion], max_length: int, truncation: str, counts: Counter):
-    if len(prompt_ids) >= max_length:
-        raise BadRow(f"prompt longer than max_length ({len(prompt_ids)} >= {max_length} tokens; raise data.max_length)")
+    if truncation == "completion_first" and len(prompt_ids) >= max_length:
+        raise BadRow(f"prompt longer than max_length ({len(prompt_ids)} >= {max_length} tokens; raise data.max_length "
+                     "or set data.pair_truncation: prompt_first)")
     longest = max(len(c.ids) for c in completions)
     if len(prompt_ids) + longest <= max_length:
         return prompt_ids, completions
