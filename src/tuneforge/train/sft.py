@@ -85,17 +85,6 @@ class SFTRecipe:
         return Batcher(self.data.train, self.data.units, t.micro_batch_size, t.grad_accum, self.accel.num_processes,
                        t.seed, layout="packed" if cfg.data.packing == "padding_free" else "rows")
 
-    def make_batcher(self):
-        """The training items and how they are dealt out (a preference recipe deals pairs: train/dpo.py)."""
-        from tuneforge.data.batcher import Batcher
-
-        cfg, t = self.cfg, self.cfg.train
-        if not self.data.train:
-            raise UserError(f"the data holds {len(self.data.pairs) + len(self.data.eval_pairs)} preference pairs / KTO rows and no "
-                            "SFT samples: set train.method: dpo (or orpo, simpo, kto) to train on them")
-        return Batcher(self.data.train, self.data.units, t.micro_batch_size, t.grad_accum, self.accel.num_processes,
-                       t.seed, layout="packed" if cfg.data.packing == "padding_free" else "rows")
-
     def _plan_steps(self) -> None:
         t, d, b = self.cfg.train, self.cfg.data, self.batcher
         if b.steps_per_epoch == 0:
