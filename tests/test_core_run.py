@@ -58,10 +58,11 @@ def test_a_run_that_dies_ends_failed_with_one_line_reason(tmp_path, llama_dir):
 
 def test_refusal_before_start_keeps_status(tmp_path, llama_dir):
     run(config(tmp_path, llama_dir, save_every=1), **QUIET)
+    RunDir(tmp_path / "run").interrupt("SIGTERM")  # as if stopped before its end
     changed = config(tmp_path, llama_dir, save_every=1, micro_batch_size=2)
-    with pytest.raises(UserError, match="resume needs the same batching"):
+    with pytest.raises(UserError, match="--resume: .*micro_batch_size"):  # refused before anything loads
         run(changed, resume=True, **QUIET)
-    assert RunDir(tmp_path / "run").status == "finished"  # a refused resume does not mark the run failed
+    assert RunDir(tmp_path / "run").status == "interrupted"  # a refused resume does not mark the run failed
 
 
 def test_rundir_status_transitions(tmp_path):
