@@ -76,7 +76,10 @@ def test_resume_refuses_different_batching(tmp_path, llama_dir):
             "train": {"finetune": "lora", "max_steps": 2, "micro_batch_size": 1, "save_every": 1},
             "output": {"dir": str(tmp_path / "run")}, "tracking": {"tensorboard": False, "plot": False}}
     run(Config.model_validate(base), log=lambda *a: None)
+    from tuneforge.rundir import RunDir
+
+    RunDir(tmp_path / "run").interrupt("SIGTERM")  # a finished run is not resumable at all: make it a stopped one
     base["data"]["packing"] = "padding_free"
-    r = SFTRecipe(Config.model_validate(base), resume=True, log=lambda *a: None)
-    with pytest.raises(UserError, match="resume needs the same batching"):
+    with pytest.raises(UserError, match="resume needs the same batching|data.packing"):
+        r = SFTRecipe(Config.model_validate(base), resume=True, log=lambda *a: None)
         r.setup()
