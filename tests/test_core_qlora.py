@@ -59,3 +59,11 @@ def test_qlora_8bit_trains(tmp_path, llama_dir):
     adapter, losses, _ = qlora(tmp_path, llama_dir, "int8", quantize="8bit", max_steps=2)
     assert adapter and all("lora_" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k) and all(map(torch.isfinite, map(torch.tensor, losses)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes GPU kernels, paged optimizer)")
+def test_qlora_on_gpu_with_paged_adamw_and_checkpointing(tmp_path, llama_dir):
+    adapter, losses, rows = qlora(tmp_path, llama_dir, "gpu", optimizer="paged_adamw_8bit", gradient_checkpointing=True,
+                                  mixed_precision="bf16", eval_every=1)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert all(r["tokens_per_s"] > 0 for r in rows if "loss" in r) and len(losses) == 3
