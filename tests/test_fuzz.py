@@ -731,3 +731,19 @@ def test_eval_size_larger_than_the_data_is_refused_not_shrunk(work):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((work / "evalsize" / "data_report.json").read_text())
     assert (report["train_samples"], report["eval_samples"]) == (3, 2)
+
+
+@pytest.mark.slow
+def test_train_refuses_what_only_the_data_reveals(tmp_path, model_dir):
+    """Warmup longer than the epoch-based run, and eval_every with an eval split that rounds to no rows."""
+    one = tiny.write_jsonl(tmp_path / "one.jsonl", tiny.reverse_rows(1))
+    many = tiny.write_jsonl(tmp_path / "many.jsonl", tiny.reverse_rows(8))
+    base = {"model": {"path": str(model_dir)}, "data": {"cache_dir": str(tmp_path / "cache")},
+            "train": {"micro_batch_size": 1}, "output": {"dir": str(tmp_path / "run")}}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**base, "data": {**base["data"], "train": [{"path": str(one)}], "eval_split": 0.1},
+                                   "train": {**base["train"], "eval_every": 1}}))
+    assert_one_error(cli("train", cfg), "train.eval_every", "eval split is empty")
+    cfg.write_text(yaml.safe_dump({**base, "data": {**base["data"], "train": [{"path": str(many)}], "eval_split": 0},
+                                   "train": {**base["train"], "warmup_steps": 50}}))
+    assert_one_error(cli("train", cfg), "train.warmup_steps (50)", "8 steps")

@@ -97,6 +97,14 @@ class SFTRecipe:
             p = self.data.report["packing"]
             self.log(f"packing: {len(self.data.train)} samples in {p['bins']} bins of {p['pack_length']} tokens ({p['bin_fill']:.1%} full)")
         self.total_steps = b.total_steps(t.epochs, t.max_steps)
+        # Known only now (steps and eval rows come from the data): refuse what would silently do nothing.
+        if t.warmup_steps and t.warmup_steps >= self.total_steps:
+            raise UserError(f"train.warmup_steps ({t.warmup_steps}) >= the run's {self.total_steps} steps: the learning rate "
+                            "would never peak (lower warmup_steps, or use warmup_ratio)")
+        if (t.eval_every or t.generate_eval.samples) and not (self.data.eval or self.data.eval_pairs):
+            raise UserError(f"train.{'eval_every' if t.eval_every else 'generate_eval.samples'} is set but the eval split is "
+                            "empty (too little data for data.eval_split to hold out a row): raise data.eval_split, "
+                            "set data.eval_size or data.eval")
 
     def _restore(self) -> int:
         from tuneforge.train import checkpoint
@@ -155,6 +163,8 @@ class SFTRecipe:
         return {**accumulate(self.accel, self.model, batches, self.loss, self.count, real_tokens), "epoch": sb.epoch}
 
     def train(self) -> dict:
+        from tuneforge.train.engine import generate_eval, update_bar
+        from tuneforge.train.engine import generate_eval, update_bar
         from tuneforge.train.step import update
         from tuneforge.train.tracking import Tracker, progress_bar
 
@@ -164,7 +174,7 @@ class SFTRecipe:
         if self.resume:
             self.tracker.truncate_after(self.start_step)
         if self.start_step == 0 and t.generate_eval.samples:
-            self._generate_eval(step=0, tag="before")  # (skipped for a 4-bit model on CPU: see _generate_eval)
+            generate_eval(self, step=0, tag="before")
         self.model.train()
         last = {}
         with progress_bar(self.total_steps, self.start_step) as bar:
@@ -179,7 +189,7 @@ class SFTRecipe:
                 if done % t.log_every == 0 or done == self.total_steps:
                     self.tracker.log(done, **last)
                 signalled = self.guard.after_step(done, last, self.accel)  # NaN/divergence raises here, before any save
-                self._update_bar(bar, done, last)
+                update_bar(bar, done, self.total_steps, last, self.log)
                 best = early = None
                 if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
                     eval_loss = self.eval_loss()
@@ -194,13 +204,6 @@ class SFTRecipe:
                     break
         return self.guard.loop_done(last)
 
-    def _update_bar(self, bar, done: int, m: dict) -> None:
-        bar.update(bar.task_ids[0], completed=done, loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tps=f"{m['tokens_per_s']:.0f}")
-        if not bar.live.is_started or bar.disable:
-            every = max(1, self.total_steps // 10)
-            if done % every == 0 or done == self.total_steps:
-                self.log(f"step {done}/{self.total_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s")
-
     def eval_loss(self) -> float:
         """Cross-entropy per target token over the whole eval split, sharded across processes."""
         from tuneforge.data.batcher import eval_batches
@@ -210,28 +213,6 @@ class SFTRecipe:
                             self.accel.num_processes, layout="packed" if self.cfg.data.packing == "padding_free" else "rows")
         plain_ce = lambda model, batch: self.loss(model, batch, label_smoothing=0.0)  # noqa: E731
         return evaluate(self.accel, self.model, [(self.collate(mb), mb.dummy) for mb in mine], plain_ce, self.count)
-
-    def _generate_eval(self, step: int, tag: str) -> dict:
-        from tuneforge.metrics import score
-        from tuneforge.model.generate import generate_batch
-
-        g = self.cfg.train.generate_eval
-        if tag == "before" and self.cfg.model.quantize == "4bit" and self.accel.device.type == "cpu":
-            # Generation runs in eval mode, where bitsandbytes repacks 4-bit weights for CPU inference and
-            # LoRA training on them goes wrong afterwards: only the after-training answers are scored.
-            self.log("generate_eval: skipped before training (4-bit model on CPU); scored after training only")
-            return {}
-        convs = [s.messages for s in self.data.eval if isinstance(s.messages, list)][: g.samples]  # not corpus text
-        last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in convs]
-        prompts = [c[:i] for c, i in zip(convs, last)]
-        refs = [c[i]["content"] for c, i in zip(convs, last)]
-        preds = generate_batch(self.accel.unwrap_model(self.model), self.tokenizer, prompts, g.max_new_tokens)
-        result = score(preds, refs, g.metric)
-        if self.accel.is_main_process:
-            self.tracker.log(step, **{f"{k}_{tag}": v for k, v in result.items()})
-            examples = [{"prompt": p[-1]["content"], "reference": r, "prediction": o} for p, r, o in zip(prompts, refs, preds)]
-            self.run.write_json(self.run.generate_eval(tag), {"step": step, **result, "examples": examples})
-        return result
 
     def _save_checkpoint(self, step: int, best: bool = False) -> None:
         from tuneforge.train import checkpoint
@@ -244,7 +225,7 @@ class SFTRecipe:
 
     # ---- save -------------------------------------------------------------------------------------
     def save(self, last: dict) -> dict:
-        from tuneforge.train.engine import save_final
+        from tuneforge.train.engine import generate_eval, save_final
         from tuneforge.train.tracking import plot_loss
 
         summary = {"final_loss": last.get("loss"), "steps": self.total_steps}
@@ -252,7 +233,7 @@ class SFTRecipe:
             summary["eval_loss"] = self.eval_loss()
             self.tracker.log(self.total_steps, eval_loss=summary["eval_loss"])
         if self.cfg.train.generate_eval.samples:
-            summary["generate_eval_after"] = self._generate_eval(self.total_steps, "after")
+            summary["generate_eval_after"] = generate_eval(self, self.total_steps, "after")
         save_final(self.accel, self.model, self.tokenizer, self.run.final)  # collective: gathers sharded weights
         if self.accel.is_main_process:
             self.tracker.close()
