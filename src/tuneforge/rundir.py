@@ -180,3 +180,14 @@ class RunDir:
 
     def write_config(self, cfg) -> None:
         write_config(self.root, cfg)
+
+    def check_new(self, cfg) -> None:
+        """Before a fresh (not --resume) run: refuse a directory holding another run or anything not ours."""
+        from tuneforge.outputs import check_output_dir
+
+        if self.exists() and not cfg.output.overwrite:
+            status = self.status
+            fix = "add --resume to continue it" if status != "finished" else "choose another output.dir"
+            raise UserError(f"{self.root} already holds a {status} run: {fix}, or --set output.overwrite=true")
+        # Only ever replace a directory that is a tuneforge run (never '.', a parent, or a user's folder).
+        check_output_dir(self.root, "run", cfg.output.overwrite, "output.overwrite=true", cfg.config_path)

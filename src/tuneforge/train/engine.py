@@ -70,3 +70,45 @@ def record_failure(recipe, exc: BaseException) -> None:
         return
     else:
         recipe.run.fail(exc)
+
+
+def update_bar(bar, done: int, total: int, m: dict, log) -> None:
+    """Advance the live bar; without a terminal, log about ten progress lines per run instead."""
+    bar.update(bar.task_ids[0], completed=done, loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tps=f"{m['tokens_per_s']:.0f}")
+    if not bar.live.is_started or bar.disable:
+        every = max(1, total // 10)
+        if done % every == 0 or done == total:
+            log(f"step {done}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s")
+
+
+def generate_eval(recipe, step: int, tag: str) -> dict:
+    """Greedy answers to held-out prompts, scored (exact / json), logged and written to the run dir."""
+    from tuneforge.metrics import score
+    from tuneforge.model.generate import generate_batch
+
+    cfg, accel = recipe.cfg, recipe.accel
+    g = cfg.train.generate_eval
+    if tag == "before" and cfg.model.quantize == "4bit" and accel.device.type == "cpu":
+        # Generation runs in eval mode, where bitsandbytes repacks 4-bit weights for CPU inference and
+        # LoRA training on them goes wrong afterwards: only the after-training answers are scored.
+        recipe.log("generate_eval: skipped before training (4-bit model on CPU); scored after training only")
+        return {}
+    convs = [s.messages for s in recipe.data.eval if isinstance(s.messages, list)][: g.samples]  # not corpus text
+    last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in convs]
+    prompts = [c[:i] for c, i in zip(convs, last)]
+    refs = [c[i]["content"] for c, i in zip(convs, last)]
+    preds = generate_batch(accel.unwrap_model(recipe.model), recipe.tokenizer, prompts, g.max_new_tokens)
+    result = score(preds, refs, g.metric)
+    if accel.is_main_process:
+        recipe.tracker.log(step, **{f"{k}_{tag}": v for k, v in result.items()})
+        examples = [{"prompt": p[-1]["content"], "reference": r, "prediction": o} for p, r, o in zip(prompts, refs, preds)]
+        recipe.run.write_json(recipe.run.generate_eval(tag), {"step": step, **result, "examples": examples})
+    return result
+
+
+def generate_eval_before(run) -> dict:
+    """The before-training scores (gen_* keys) written at step 0, for the summary table."""
+    import json
+
+    path = run.generate_eval("before")
+    return {k: v for k, v in json.loads(path.read_text()).items() if k.startswith("gen_")} if path.is_file() else {}
