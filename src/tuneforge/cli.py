@@ -61,9 +61,11 @@ def train(config: Path, overrides: Optional[List[str]] = SetOpt,
 
     launch.check_launchable(nproc)
     if launch.needs_launch(cfg, nproc):
+        from tuneforge.train.engines import check
         from tuneforge.train.sft import SFTRecipe
 
-        SFTRecipe(cfg, resume=resume)  # its run-directory checks fail here, once, before any process starts
+        check(cfg.train)  # engine and run-directory errors show once, here, before any process starts
+        SFTRecipe(cfg, resume=resume)
         code = launch.launch(nproc, launch.train_args(config, overrides, resume), console.print)
         if code:
             raise typer.Exit(code)

@@ -22,6 +22,8 @@ PRESET_DIR = Path(__file__).parent / "deepspeed"
 # Ranks wait for each other in collectives (e.g. while the main process saves a large checkpoint); the
 # default 10-30 min NCCL timeout kills long saves on slow disks. Data preparation does not rely on it.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
+FSDP_NEEDS_GPU = ("train.fsdp: accelerate runs FSDP on GPUs only (on CPU it would silently fall back to DDP); "
+                  "use train.deepspeed: zero3 to shard on CPU, or run on GPUs")
 
 
 def describe(train_cfg) -> str:
@@ -94,8 +96,7 @@ def build_accelerator(cfg, mixed_precision: str, **kwargs):
         return Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugin, kwargs_handlers=handlers, **kwargs)
     if t.fsdp:
         if not cuda:
-            raise UserError("train.fsdp: accelerate runs FSDP on GPUs only (on CPU it would silently fall back to DDP); "
-                            "use train.deepspeed: zero3 to shard on CPU, or run on GPUs")
+            raise UserError(FSDP_NEEDS_GPU)
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin(
@@ -108,3 +109,18 @@ def build_accelerator(cfg, mixed_precision: str, **kwargs):
         return Accelerator(mixed_precision=mixed_precision, fsdp_plugin=plugin, kwargs_handlers=handlers, **kwargs)
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=handlers, **kwargs)
 
+
+
+def check(train_cfg) -> None:
+    """The engine's one-line errors, before any process starts: deepspeed installed, its JSON valid, FSDP on GPUs."""
+    import importlib.util
+
+    if train_cfg.deepspeed:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("train.deepspeed: DeepSpeed is not installed (pip install 'tuneforge[deepspeed]')")
+        deepspeed_config(train_cfg, train_cfg.mixed_precision, cuda=False)
+    if train_cfg.fsdp:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(FSDP_NEEDS_GPU)
