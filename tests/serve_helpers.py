@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,3 +76,56 @@ def malformed_requests(n: int = 200) -> list[tuple[str, bytes]]:
         ("oversized body", lambda i: b'{"config": "' + b"x" * (2 << 20) + b'"}'),
     ]
     return [(label, make(i)) for i in range(n) for label, make in [makers[i % len(makers)]]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data, concurrency=2):
+        self.data, self.concurrency, self.port, self.proc = data, concurrency, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        log = open(self.data.parent / "server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--data-dir", str(self.data), "--port",
+                                      str(self.port), "--concurrency", str(self.concurrency)], stdout=log, stderr=log)
+        wait_for(lambda: self._up(), timeout=120)
+        return self
+
+    def _up(self):
+        import httpx
+
+        try:
+            return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def running_now(data) -> int:
+    """Jobs running right now, in one consistent read of the job store."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{data / 'jobs.db'}?mode=ro", uri=True, timeout=30) as db:
+        return db.execute("select count(*) from jobs where status = 'running'").fetchone()[0]
+
+
+def token(data, user):
+    out = subprocess.run([sys.executable, "-m", "tuneforge", "serve", "token", "create", "--user", user, "--data-dir", str(data)],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()

@@ -1,0 +1,83 @@
+"""The RunPod handler on the seed's example request, and the SkyPilot task `tuneforge launch` writes."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import assert_user_error, run_cli, write_config
+from serve_helpers import make_workspace, seed_request
+from tuneforge.serve.skypilot import pick_accelerator
+
+SKY_PYTHON = os.environ.get("TUNEFORGE_SKY_PYTHON")  # an interpreter with skypilot installed (it pins an old uvicorn)
+
+
+@pytest.mark.slow
+def test_runpod_handler_runs_the_seed_request(tmp_path, llama_dir, monkeypatch):
+    from tuneforge.serve.runpod import handler
+
+    data = tmp_path / "volume"
+    make_workspace(data, "user", llama_dir)
+    monkeypatch.setenv("TUNEFORGE_DATA_DIR", str(data))
+    req = seed_request("rp-run")
+    req["input"]["credentials"]["hf_token"] = "hf_RUNPOD_PLANTED"
+    out = handler({"id": "rp-1", **req})
+    assert out.get("status") == "finished", out
+    assert "adapter_model.safetensors" in {Path(a).name for a in out["artifacts"]}
+    assert out["summary"]["steps"] == 2 and {r["key"] for r in out["not_mapped"]} <= set(req["input"]["args"])
+    for p in data.rglob("*"):
+        if p.is_file():
+            assert b"hf_RUNPOD_PLANTED" not in p.read_bytes(), p
+
+
+def test_runpod_handler_rejects_bad_requests_with_error(tmp_path, monkeypatch):
+    from tuneforge.serve.runpod import handler
+
+    monkeypatch.setenv("TUNEFORGE_DATA_DIR", str(tmp_path))
+    assert "input.args" in handler({"id": "x", "input": {"run_id": "r"}})["error"]
+    assert "output.dir" in handler({"id": "x", **seed_request("r2", output_dir="/etc")})["error"]
+    assert "error" in handler({"id": "x", "input": None})
+
+
+def test_accelerator_follows_the_plan():
+    assert pick_accelerator(10 * 2**30)[0] == "L4:1"
+    assert pick_accelerator(30 * 2**30)[0] == "A100:1"
+    assert pick_accelerator(60 * 2**30)[0] == "A100-80GB:1"
+    assert pick_accelerator(200 * 2**30)[0] == "H100:8"
+
+
+def test_launch_writes_a_valid_skypilot_task(tmp_path, llama_dir):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    cfg = write_config(tmp_path / "job.yaml", llama_dir, train, tmp_path / "run")
+    proc = run_cli("launch", cfg, "--on", "skypilot", "--dry-run", env={"HF_TOKEN": "hf_SKY_PLANTED"})
+    assert proc.returncode == 0, proc.stderr
+    task_path = tmp_path / "job.sky.yaml"
+    text = task_path.read_text()
+    assert "hf_SKY_PLANTED" not in text
+    task = yaml.safe_load(text)
+    # the documented task schema (docs.skypilot.co "YAML spec"): these keys and types
+    assert set(task) <= {"name", "workdir", "num_nodes", "resources", "envs", "secrets", "file_mounts", "setup", "run"}
+    assert task["resources"]["accelerators"] == "L4:1"  # the tiny model's plan fits the smallest GPU
+    assert task["run"].startswith("tuneforge train ") and "pip install" in task["setup"]
+    assert task["secrets"] == {"HF_TOKEN": None, "WANDB_API_KEY": None}
+    assert str(cfg.resolve()) in task["file_mounts"].values() and str(train.resolve()) in task["file_mounts"]
+    if SKY_PYTHON:  # SkyPilot's own parser, when an interpreter with skypilot is given
+        check = subprocess.run([SKY_PYTHON, "-c", f"import sky; t = sky.Task.from_yaml({str(task_path)!r}); print(t.run)"],
+                               capture_output=True, text=True, timeout=300)
+        assert check.returncode == 0, check.stderr[-2000:]
+        assert "tuneforge train" in check.stdout
+
+
+def test_launch_without_skypilot_says_how(tmp_path, llama_dir):
+    if shutil.which("sky"):
+        pytest.skip("skypilot is installed here: launching would start a real cluster")
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    cfg = write_config(tmp_path / "job.yaml", llama_dir, train, tmp_path / "run")
+    assert_user_error(run_cli("launch", cfg, "--on", "skypilot"), "pip install")
+    assert_user_error(run_cli("launch", cfg, "--on", "k8s"), "skypilot")
