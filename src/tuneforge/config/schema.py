@@ -68,6 +68,7 @@ class ModelConfig(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (quantize: 4bit).")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bits/param).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the 4-bit matmuls; auto = bf16 on a capable GPU, fp32 on CPU.")
+    device_map: Optional[Literal["auto"]] = Field(None, description="auto = split one model too large for one GPU over this machine's GPUs (one process; LoRA/QLoRA).")
 
     _path = field_validator("path", mode="before")(expand_path)
 
@@ -445,6 +446,8 @@ class Config(Section):
         if self.train.finetune == "full" and "lora" in self.model_fields_set and self.lora.model_fields_set:
             raise ValueError(f"lora.{sorted(self.lora.model_fields_set)[0]}: LoRA settings do nothing with train.finetune: full "
                              "(remove the lora section, or set train.finetune: lora)")
+        if self.model.device_map and (self.train.deepspeed or self.train.fsdp):
+            raise ValueError("model.device_map: auto splits the model inside one process; it cannot be combined with train.deepspeed / train.fsdp")
         if self.model.quantize and self.train.finetune != "lora":
             raise ValueError(f"model.quantize: {self.model.quantize} trains through LoRA only (QLoRA): set train.finetune: lora")
         if self.lora.init_from and self.train.finetune != "lora":

@@ -145,8 +145,13 @@ def load_model(source: str, cfg: ModelConfig | None = None, dtype: str = "auto")
         kwargs["revision"] = cfg.revision
     if cfg and cfg.quantize:
         kwargs["quantization_config"] = bnb_config(cfg)
-        if torch_cuda():
+        if torch_cuda() is not None:
             kwargs["device_map"] = {"": torch_cuda()}  # bitsandbytes quantizes while placing on the GPU
+    if cfg and cfg.device_map and torch_cuda() is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("model.device_map: auto splits one model over the GPUs of ONE process; run without --nproc "
+                            "(or use train.deepspeed / train.fsdp to shard across processes)")
+        kwargs["device_map"] = "auto"  # accelerate dispatches layers over the GPUs; outputs return to the input device
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
