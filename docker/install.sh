@@ -1,6 +1,7 @@
 #!/bin/sh
 # The install steps of both Docker images, in one place so a test can run them in a fresh virtualenv
-# (tests/test_docker_install.py) where no Docker engine runs.
+# (tests/test_docker_install.py) where no Docker engine runs. The images set PIP_NO_CACHE_DIR=1; the test
+# reuses pip's cache from `make setup`.
 #   PIP           pip to use (default: pip)
 #   TORCH_INDEX   wheel index for torch (CUDA or CPU build); empty = pip's default
 #   TARGET        what to install: a wheel path or a source dir (default: .)
@@ -12,8 +13,8 @@ EXTRAS=${EXTRAS:-serve}
 HERE=$(dirname "$0")
 # torch first and pinned, alone: a bare `torch` requirement elsewhere would pull another build.
 if [ -n "${TORCH_INDEX:-}" ]; then
-  $PIP install --no-cache-dir --index-url "$TORCH_INDEX" torch==2.13.0
+  $PIP install --index-url "$TORCH_INDEX" torch==2.13.0
 else
-  $PIP install --no-cache-dir torch==2.13.0
+  $PIP install torch==2.13.0
 fi
-$PIP install --no-cache-dir torch==2.13.0 -c "$HERE/../requirements-lock.txt" "$TARGET[$EXTRAS]"
+$PIP install torch==2.13.0 -c "$HERE/../requirements-lock.txt" "$TARGET[$EXTRAS]"

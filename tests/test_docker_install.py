@@ -52,7 +52,7 @@ def test_image_install_steps_in_a_fresh_venv(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {**os.environ, "PIP": f"{venv}/bin/pip -q", "TARGET": str(ROOT), "EXTRAS": "serve"}
     env.pop("TORCH_INDEX", None)  # this machine's pip finds the CPU torch wheel on disk
-    subprocess.run(["sh", "docker/install.sh"], cwd=ROOT, env=env, check=True, timeout=900)
+    subprocess.run(["sh", "docker/install.sh"], cwd=ROOT, env=env, check=True, timeout=1800)
 
     py = f"{venv}/bin/python"
     torch_version = subprocess.run([py, "-c", "import torch; print(torch.__version__)"], capture_output=True,
