@@ -71,21 +71,27 @@ def _sentinel(k: int) -> str:
 
 @dataclass
 class Structure:
-    """A sentinel render cut at its sentinels: fixed[0] slot fixed[1] slot ... fixed[-1]."""
+    """A sentinel render cut at its sentinels: fixed[0] slot fixed[1] slot ... fixed[-1]. Everything a
+    conversation of this shape needs besides its contents is computed here, once per shape."""
     text: str
     fixed: list[str]
     order: list[int]  # slot ids in the order they appear
     marks: list[tuple[int, int]]  # (start, end) of each appearance in `text`
-    slots: list[tuple[int, str]]  # slot id -> (message index, or -1 for the tools list; kind)
+    slots: list[tuple[int, str, int]]  # slot id -> (message index or -1 for the tools list, kind, index among its kind)
+    ends: list[int] = field(default_factory=list)  # per fixed piece: length up to its first end-of-turn token, 0 if none
+    appear: dict[int, list[int]] = field(default_factory=dict)  # message index -> its appearances, in text order
 
 
 def _marked(messages: Messages, tools: list | None, keep_empty: bool) -> tuple[list, list | None, list[tuple[int, str]]]:
     """The conversation with every content / tool-call name / tool name replaced by a sentinel. Tools are
     marked first so a prefix of the conversation numbers its slots the same way."""
-    slots: list[tuple[int, str]] = []
+    slots: list[tuple[int, str, int]] = []
+    count: dict[tuple[int, str], int] = {}
 
     def mark(owner: int, kind: str) -> str:
-        slots.append((owner, kind))
+        n = count.get((owner, kind), 0)
+        count[(owner, kind)] = n + 1
+        slots.append((owner, kind, n))
         return _sentinel(len(slots) - 1)
 
     marked_tools = [_rename(t, lambda: mark(-1, "tool")) for t in tools] if tools else None
@@ -112,14 +118,11 @@ def _rename(obj, new_name) -> dict:
     return {**obj, "name": new_name()} if "name" in obj else obj
 
 
-def _slot_value(slot: tuple[int, str], k: int, messages: Messages, tools: list | None) -> str:
-    owner, kind = slot
+def _slot_value(slot: tuple[int, str, int], messages: Messages, tools: list | None) -> str:
+    owner, kind, k = slot
     if kind == "content":
         return messages[owner]["content"]
-    if kind == "call":
-        calls = messages[owner]["tool_calls"]
-        return _name_of(calls[k])
-    return _name_of(tools[k])
+    return _name_of(messages[owner]["tool_calls"][k] if kind == "call" else tools[k])
 
 
 def _name_of(obj) -> str:
@@ -140,7 +143,18 @@ def _structure(tokenizer, messages: Messages, tools: list | None, keep_empty: bo
         marks.append((m.start(), m.end()))
         pos = m.end()
     fixed.append(text[pos:])
-    return Structure(text, fixed, order, marks, slots)
+    appear: dict[int, list[int]] = {}
+    for k, sid in enumerate(order):
+        appear.setdefault(slots[sid][0], []).append(k)
+    ends = END_OF_TURN_TOKENS + ((tokenizer.eos_token,) if tokenizer.eos_token else ())
+    return Structure(text, fixed, order, marks, slots, [_end_of_turn(piece, ends) for piece in fixed], appear)
+
+
+def _end_of_turn(piece: str, ends: tuple[str, ...]) -> int:
+    """A reply is trained up to the first end-of-turn token in the template text that follows it (only
+    there: never into the next message)."""
+    found = [(piece.find(t), -len(t)) for t in ends if t in piece]
+    return min(found)[0] - min(found)[1] if found else 0
 
 
 _SHAPES: dict[tuple, Structure] = {}
@@ -160,10 +174,12 @@ def _shape_structure(tokenizer, key: tuple | None, messages: Messages, tools: li
 
 
 def _renderings(value: str):
-    """How templates print a content: as is, trimmed (jinja `trim`, Python strip / lstrip('\\n')), or JSON-escaped."""
-    seen = set()
-    for v in (value, value.strip(), value.lstrip(), value.rstrip(), value.strip("\n"), value.lstrip("\n"), value.rstrip("\n"),
-              json.dumps(value, ensure_ascii=False)[1:-1]):
+    """How templates print a content besides as is: trimmed (jinja `trim`, Python strip / lstrip('\\n')) or
+    JSON-escaped. Computed only when the content is not found as is."""
+    seen = {value}
+    for f in (str.strip, str.lstrip, str.rstrip, lambda v: v.strip("\n"), lambda v: v.lstrip("\n"), lambda v: v.rstrip("\n"),
+              lambda v: json.dumps(v, ensure_ascii=False)[1:-1]):
+        v = f(value)
         if v not in seen:
             seen.add(v)
             yield v
@@ -173,34 +189,24 @@ def _read(text: str, st: Structure, messages: Messages, tools: list | None) -> l
     """(start, end) in `text` of every slot appearance. When `text` does not follow the structure: the index
     of the message whose slot does not fit (-1: the tools list), or None. Each slot is checked at the one
     place the structure puts it: nothing is searched for."""
-    if not text.startswith(st.fixed[0]):
+    fixed, slots, size = st.fixed, st.slots, len(text)
+    if not text.startswith(fixed[0]):
         return None
-    pos, found, n = len(st.fixed[0]), [], len(st.order)
-    index = _slot_indices(st)
+    pos, found, n = len(fixed[0]), [], len(st.order)
     for k, sid in enumerate(st.order):
-        after = st.fixed[k + 1]
-        value = _slot_value(st.slots[sid], index[sid], messages, tools)
-        for cand in _renderings(value):
-            end = pos + len(cand)
-            if text.startswith(cand, pos) and text.startswith(after, end) and (k + 1 < n or end + len(after) == len(text)):
-                break
-        else:
-            return st.slots[sid][0]
+        after = fixed[k + 1]
+        value = _slot_value(slots[sid], messages, tools)
+        end = pos + len(value)
+        if not (text.startswith(value, pos) and text.startswith(after, end) and (k + 1 < n or end + len(after) == size)):
+            for cand in _renderings(value):
+                end = pos + len(cand)
+                if text.startswith(cand, pos) and text.startswith(after, end) and (k + 1 < n or end + len(after) == size):
+                    break
+            else:
+                return slots[sid][0]
         found.append((pos, end))
         pos = end + len(after)
-    return found if pos == len(text) else None
-
-
-def _slot_indices(st: Structure) -> list[int]:
-    """Per slot: its index among its message's tool calls (or among the tools); 0 for contents."""
-    out, count = [], {}
-    for owner, kind in st.slots:
-        if kind == "content":
-            out.append(0)
-            continue
-        out.append(count.get((owner, kind), 0))
-        count[(owner, kind)] = out[-1] + 1
-    return out
+    return found if pos == size else None
 
 
 # ---- spans ----------------------------------------------------------------------------------------------
@@ -227,11 +233,9 @@ def locate(tokenizer, messages: Messages, tools: list | None, text: str, train_o
 
 
 def _spans(tokenizer, text: str, st: Structure, found: list, messages: Messages, tools: list | None, keep_empty: bool):
-    appear: dict[int, list[int]] = {}  # message index -> its slot appearances, in text order
-    for k, sid in enumerate(st.order):
-        appear.setdefault(st.slots[sid][0], []).append(k)
+    appear = st.appear
     if tools and -1 not in appear:
-        raise BadRow(f"the chat template does not support tool calls: it does not render the tools list")
+        raise BadRow("the chat template does not support tool calls: it does not render the tools list")
     spans, notes = [], []
     for i, m in enumerate(messages):
         ks = appear.get(i, [])
@@ -250,19 +254,8 @@ def _spans(tokenizer, text: str, st: Structure, found: list, messages: Messages,
             raise BadRow(f"the chat template renders a message twice: message {i} (assistant) appears {kinds.count('content')} times")
         first, last = ks[0], ks[-1]
         start = found[first][0] if kinds[0] == "content" else _call_start(tokenizer, st, found, first, messages[:i], tools, keep_empty)
-        spans.append((start, _end_of_turn(tokenizer, found[last][1], st.fixed[last + 1])))
+        spans.append((start, found[last][1] + st.ends[last + 1]))
     return spans, tuple(dict.fromkeys(notes))
-
-
-def _end_of_turn(tokenizer, end: int, after: str) -> int:
-    """Extend a reply to the first end-of-turn token in the template text that follows it (only there:
-    never into the next message)."""
-    best = None
-    for tok in END_OF_TURN_TOKENS + ((tokenizer.eos_token,) if tokenizer.eos_token else ()):
-        at = after.find(tok)
-        if at >= 0 and (best is None or at < best):
-            best, length = at, len(tok)
-    return end + best + length if best is not None else end
 
 
 def _call_start(tokenizer, st: Structure, found: list, first: int, before: Messages, tools, keep_empty: bool) -> int:
