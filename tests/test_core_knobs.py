@@ -70,3 +70,16 @@ def test_quantize_needs_lora_and_flash_attention_needs_its_package(llama_dir):
             attn_implementation("flash_attention_2")
         assert attn_implementation("auto") == "sdpa"
     assert attn_implementation("eager") == "eager"
+
+
+def test_device_map_is_one_process_only(llama_dir, monkeypatch):
+    base = {"model": {"path": str(llama_dir), "device_map": "auto"}, "data": {"train": [{"path": "x.jsonl"}]}}
+    with pytest.raises(ValueError, match="cannot be combined with train.deepspeed"):
+        Config.model_validate({**base, "train": {"deepspeed": "zero2"}})
+    model_cfg = Config.model_validate(base).model
+    if torch.cuda.is_available():
+        from tuneforge.model.load import load_model
+
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(UserError, match="ONE process"):
+            load_model(str(llama_dir), model_cfg)
