@@ -747,3 +747,18 @@ def test_train_refuses_what_only_the_data_reveals(tmp_path, model_dir):
     cfg.write_text(yaml.safe_dump({**base, "data": {**base["data"], "train": [{"path": str(many)}], "eval_split": 0},
                                    "train": {**base["train"], "warmup_steps": 50}}))
     assert_one_error(cli("train", cfg), "train.warmup_steps (50)", "8 steps")
+
+
+@pytest.mark.slow
+def test_train_reports_truncated_samples(tmp_path, model_dir):
+    long = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "the cat sat on the mat " * 20}]}
+            for i in range(8)]
+    rows = tiny.write_jsonl(tmp_path / "rows.jsonl", long)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(model_dir)},
+                                   "data": {"train": [{"path": str(rows)}], "eval_split": 0, "max_length": 32, "cache_dir": str(tmp_path / "cache")},
+                                   "train": {"max_steps": 1, "micro_batch_size": 2}, "output": {"dir": str(tmp_path / "run")}}))
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    truncated = json.loads((tmp_path / "run" / "data_report.json").read_text())["truncated"]
+    assert truncated > 0 and f"data: {truncated} samples longer than data.max_length (32) were truncated" in proc.stderr

@@ -96,6 +96,9 @@ class SFTRecipe:
         if d.packing == "bins":
             p = self.data.report["packing"]
             self.log(f"packing: {len(self.data.train)} samples in {p['bins']} bins of {p['pack_length']} tokens ({p['bin_fill']:.1%} full)")
+        if self.data.report.get("truncated"):  # said once here, not only in data_report.json
+            self.log(f"data: {self.data.report['truncated']} samples longer than data.max_length ({d.max_length}) were truncated "
+                     "(raise data.max_length, or set data.clean.max_tokens to drop them)")
         self.total_steps = b.total_steps(t.epochs, t.max_steps)
         # Known only now (steps and eval rows come from the data): refuse what would silently do nothing.
         if t.warmup_steps and t.warmup_steps >= self.total_steps:
