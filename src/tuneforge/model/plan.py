@@ -195,23 +195,6 @@ def step_seconds(shape: Shape, x: PlanInput, grad_accum: int, peak_tflops: float
     return tokens * per_token / (peak_tflops * 1e12 * ASSUMED_MFU)
 
 
-def peak_tflops_for_device() -> float | None:
-    """Datasheet dense bf16 TFLOP/s of this process's GPU, when its name is in GPUS (for MFU)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name().lower()
-    for key, (_, tflops) in GPUS.items():
-        if key.split("-")[0] in name.replace(" ", ""):
-            return tflops
-    return None
-
-
-def flops_per_token(params: int, finetune: str) -> float:
-    return (6 if finetune == "full" else 4) * params
-
-
 def parse_memory(text: str) -> float:
     """'24GiB' / '24g' / '24' -> 24 GiB; '80GB' -> 80e9 bytes; '40000MiB' -> MiB."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?)(b?)\s*", text.lower())

@@ -4,7 +4,7 @@
     guard.acquire(accel)                         # after the run dir exists: lock (main process), signals, GPU plan
     guard.preflight(model)                       # after the model is built: disk space for the checkpoints
     guard.restore(meta)                          # on resume: the watchdog's state from trainer.json
-    guard.before_step(step, model); guard.measure(metrics)   # fault hook; peak memory and MFU
+    guard.before_step(step, model); guard.measure(metrics)   # fault hook; peak memory
     stop = guard.after_step(step, metrics)       # NaN/divergence -> Diverged; SIGTERM/SIGINT -> "SIGTERM"
     stop = guard.after_eval(step, eval_loss)     # best checkpoint, early stopping -> "early stopping"
     guard.state()                                # what a checkpoint keeps (trainer.json)
@@ -76,12 +76,8 @@ class RunGuard:
         check_plan_on_gpu(self.cfg, self.log)
 
     def preflight(self, model) -> None:
-        from tuneforge.model.plan import flops_per_token, peak_tflops_for_device
         from tuneforge.train.preflight import check_disk
 
-        peak = peak_tflops_for_device()
-        self.flops_per_token = flops_per_token(sum(p.numel() for p in model.parameters()), self.cfg.train.finetune)
-        self.peak_flops = peak * 1e12 if peak else None
         if self.main:
             t = self.cfg.train
             check_disk(self.run.root, model, t.keep_checkpoints + (1 if t.keep_best else 0), bool(t.save_every or t.keep_best),
@@ -102,12 +98,10 @@ class RunGuard:
                 next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
 
     def measure(self, metrics: dict) -> None:
-        """Add peak memory and (when the device's peak FLOP/s is known) MFU to a step's metrics."""
+        """Add the peak memory so far to a step's metrics (MFU comes from train/flops.py where the recipe logs it)."""
         from tuneforge.train.tracking import peak_memory_gib
 
         metrics["peak_mem_gib"] = round(peak_memory_gib(), 3)
-        if self.peak_flops and metrics.get("tokens_per_s"):
-            metrics["mfu"] = round(metrics["tokens_per_s"] * self.flops_per_token / self.peak_flops, 4)
 
     def after_step(self, step: int, metrics: dict, accel=None) -> str | None:
         """After the step is logged: NaN/inf or divergence raises Diverged (no checkpoint of this step is

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -196,24 +195,6 @@ def peak_memory_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-class Throughput:
-    """Tokens/s of the last step and (when the device's peak is known) model FLOPs utilisation."""
-
-    def __init__(self, flops_per_token: float | None = None, peak_flops: float | None = None):
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.began = time.perf_counter()
-
-    def start(self) -> None:
-        self.began = time.perf_counter()
-
-    def stop(self, tokens: int) -> dict:
-        seconds = max(time.perf_counter() - self.began, 1e-9)
-        out = {"tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 4)}
-        if self.flops_per_token and self.peak_flops:
-            out["mfu"] = round(tokens / seconds * self.flops_per_token / self.peak_flops, 4)
-        return out
 
 
 def plot_loss(run_dir: Path) -> Path | None:
