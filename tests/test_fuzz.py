@@ -363,6 +363,9 @@ def test_config_validate_checks_local_paths(work):
     assert_one_error(cli("config", "validate", cfg, "--set", f"model.path={work}/no-model"), "model.path", "does not exist")
     assert_one_error(cli("config", "validate", cfg, "--set", f"model.path={work}"), "model.path", "not a model directory")
     assert_one_error(cli("config", "validate", cfg, "--set", f"model.chat_template={work}/t.jinja"), "model.chat_template", "does not exist")
+    afile = write(work / "a-file", "x")
+    assert_one_error(cli("config", "validate", cfg, "--set", f"output.dir={afile}"), "output.dir", "not a folder")
+    assert_one_error(cli("config", "validate", cfg, "--set", f"data.cache_dir={afile}/cache"), "data.cache_dir", "is a file")
     proc = cli("config", "validate", cfg, "--set", "model.path=org/some-model", "--set", "data.train.0.path=org/some-data")
     assert proc.returncode == 0, proc.stderr
     assert "not checked: model.path org/some-model" in proc.stdout and "not checked: data.train.0.path org/some-data" in proc.stdout
@@ -762,3 +765,33 @@ def test_train_reports_truncated_samples(tmp_path, model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     truncated = json.loads((tmp_path / "run" / "data_report.json").read_text())["truncated"]
     assert truncated > 0 and f"data: {truncated} samples longer than data.max_length (32) were truncated" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- 10. every command, bad paths
+def _path_cases():
+    # (args with {w} for the work folder, needle): each command pointed at a missing / wrong / undecodable input
+    return [
+        (["report", "{w}/nonexist"], "{w}/nonexist"), (["report", "{w}/emptydir"], "{w}/emptydir"),
+        (["eval", "{w}/nonexist"], "{w}/nonexist"), (["eval", "{w}/emptydir"], "{w}/emptydir"),
+        (["export", "{w}/nonexist"], "{w}/nonexist"), (["export", "{w}/emptydir", "--format", "bogus"], "--format"),
+        (["predict", "{w}/nonexist", "--data", "{w}/nonexist.jsonl"], "nonexist"),
+        (["plan", "{w}/latin1.yaml"], "not UTF-8"), (["plan", "{w}/nonexist.yaml"], "{w}/nonexist.yaml"),
+        (["launch", "{w}/nonexist.yaml", "--on", "bogus"], "--on"),
+        (["runs", "{w}/nonexist"], "{w}/nonexist"), (["runs", "{w}/file.txt"], "{w}/file.txt"),
+        (["config", "import", "{w}/nonexist", "--from", "axolotl"], "{w}/nonexist"),
+        (["config", "import", "{w}/latin1.yaml", "--from", "axolotl"], "UTF-8"),
+        (["merge", "{w}/nonexist"], "{w}/nonexist"), (["merge", "{w}/emptydir"], "{w}/emptydir"),
+        (["generate", "{w}/emptydir", "--prompt", "x"], "{w}/emptydir"), (["chat", "{w}/nonexist"], "{w}/nonexist"),
+        (["data", "inspect", "{w}/latin1.yaml"], "not UTF-8"), (["train", "{w}/latin1.yaml"], "not UTF-8"),
+        (["prepare", "{w}/nonexist.yaml"], "config file not found"), (["config", "show", "{w}/dup.yaml"], "duplicate key"),
+    ]
+
+
+@pytest.mark.parametrize("args,needle", _path_cases(), ids=[" ".join(c[0]) for c in _path_cases()])
+def test_every_command_with_a_bad_path(work, args, needle):
+    (work / "emptydir").mkdir(exist_ok=True)
+    write(work / "file.txt", "x")
+    write(work / "latin1.yaml", "model: {path: caf\u00e9}\n".encode("latin-1"))
+    write(work / "dup.yaml", "model: {path: a}\nmodel: {path: b}\n")
+    fill = lambda s: s.replace("{w}", str(work))  # noqa: E731
+    assert_one_error(cli(*map(fill, args)), fill(needle))

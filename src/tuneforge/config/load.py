@@ -296,9 +296,24 @@ def check_paths(cfg: Config) -> list[str]:
             raise UserError(f"{place}: {path} is not readable (check its permissions)")
         if place == "model.path" and p.is_dir() and not any((p / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
             raise UserError(f"{place}: {path} is not a model directory (no config.json or tokenizer files)")
+    for place, path in (("output.dir", cfg.output.dir), ("data.cache_dir", cfg.data.cache_dir)):
+        _check_writable(place, Path(path).expanduser())
     for section in ("train", "eval"):
         for i, spec in enumerate(getattr(cfg.data, section)):
             if spec.custom:
                 skipped.append(f"data.{section}.{i}.custom {spec.custom}: custom code is not run by validate")
     skipped.append("file contents (rows, tokenizer, weights): run `tuneforge prepare` or `tuneforge data inspect` to check them")
     return skipped
+
+
+def _check_writable(place: str, p: Path) -> None:
+    """A folder a command will create or write into: it must be a folder (or not exist yet) under a writable parent."""
+    import os
+
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{place}: {p} exists and is not a folder (pick another path)")
+    existing = next((a for a in (p, *p.absolute().parents) if a.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{place}: {existing} is a file, so {p} cannot be created (pick another path)")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{place}: {existing} is not writable (check its permissions, or pick another path)")
