@@ -334,7 +334,7 @@ class DPORecipe(SFTRecipe):
     def _write_run_files(self) -> None:
         super()._write_run_files()
         if self.accel.is_main_process:  # merge checks parity on these: chosen sequences stand in for SFT samples
-            self.run.write_json(self.run.parity_samples, [p.chosen.input_ids for p in (self.eval_items() or self.items)[:4]])
+            self.run.write_json(self.run.parity_samples, [(p.chosen if hasattr(p, "chosen") else p.encoded).input_ids for p in (self.eval_items() or self.items)[:4]])
 
 
 def json_dumps(obj) -> str:
