@@ -63,3 +63,13 @@ def evaluate(run_dir: Path, max_new_tokens: int = typer.Option(64, min=1, max=32
         table.add_row(key, f"{r['base'][key]:.4f}", f"{r['tuned'][key]:.4f}")
     Console().print(table)
     Console().print(f"report: {r['report']}")
+
+
+@app.command()
+def push(run_dir: Path, repo: str = typer.Option(..., help="Hub repo id, e.g. you/my-model (created if missing)."),
+         what: str = typer.Option("adapter", help="adapter, merged or gguf."), private: bool = typer.Option(False, "--private")):
+    """Upload an artifact of the run to the Hugging Face Hub with its model card (token: HF_TOKEN)."""
+    from tuneforge.export.push import push as run_push
+
+    r = run_push(str(run_dir), repo, what, private, log=console.print)
+    Console().print(f"pushed {len(r['files'])} files -> {r['url']}")

@@ -12,6 +12,12 @@ def run_facts(run_dir: Path) -> dict:
 
 
 def write_card(folder: Path, run_dir: Path, kind: str, parity: dict, notes: list[str] | None = None) -> Path:
+    path = Path(folder) / "README.md"
+    path.write_text(card_text(run_dir, kind, parity, notes))
+    return path
+
+
+def card_text(run_dir: Path, kind: str, parity: dict, notes: list[str] | None = None) -> str:
     info = run_facts(run_dir)
     base = info.get("base_model") or {}
     base_name = base.get("path", "?") if isinstance(base, dict) else str(base)
@@ -43,6 +49,4 @@ def write_card(folder: Path, run_dir: Path, kind: str, parity: dict, notes: list
     versions = info.get("versions") or {}
     if versions:
         lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
-    path = Path(folder) / "README.md"
-    path.write_text("\n".join(line for line in lines if line is not None) + "\n")
-    return path
+    return "\n".join(line for line in lines if line is not None) + "\n"

@@ -54,4 +54,13 @@ def load_trained(path: str | Path, dtype: str = "auto"):
     else:
         model = load_model(str(d["weights"]), dtype=dtype)
     model.eval()
-    return model, tokenizer, d
+    return to_best_device(model), tokenizer, d
+
+
+def to_best_device(model):
+    """Inference runs on the GPU when there is one (a model already placed by a device map stays put)."""
+    import torch
+
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu" and not getattr(model, "hf_device_map", None):
+        return model.to("cuda")
+    return model

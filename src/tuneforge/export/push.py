@@ -1,0 +1,70 @@
+"""`tuneforge push RUN_DIR --repo NAME --what adapter|merged|gguf`: one Hub commit with the artifact + its model card.
+
+The file list is decided here (artifact files, never tuneforge's marker), the card is generated from
+the run (base model, method, data fingerprint, metrics, parity) unless the artifact already has one.
+The token comes from HF_TOKEN / `huggingface-cli login`, never from the config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuneforge.errors import UserError
+from tuneforge.outputs import MARKER
+
+WHAT = ("adapter", "merged", "gguf")
+SKIP = {MARKER, "training_args.bin"}
+
+
+def artifact_dir(run_dir: Path, what: str) -> Path:
+    if what == "adapter":
+        folder = run_dir / "final" if (run_dir / "run_info.json").is_file() else run_dir
+        if not (folder / "adapter_config.json").is_file():
+            raise UserError(f"{run_dir}: no LoRA adapter to push (a full fine-tune: use --what merged with RUN_DIR/final, or push the model dir)")
+        return folder
+    if what == "merged":
+        folder = run_dir / "merged"
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{run_dir}: no merged model (run `tuneforge merge {run_dir}` first)")
+        return folder
+    found = sorted(run_dir.glob("gguf-*/*.gguf"))
+    if not found:
+        raise UserError(f"{run_dir}: no GGUF export (run `tuneforge export {run_dir} --format gguf` first)")
+    if len({f.parent for f in found}) > 1:
+        raise UserError(f"{run_dir}: several GGUF exports ({', '.join(sorted({f.parent.name for f in found}))}); keep one or push it as a folder")
+    return found[0].parent
+
+
+def upload_plan(run_dir: Path, what: str) -> tuple[Path, list[Path], str]:
+    """-> (folder, files to upload, README.md text)."""
+    from tuneforge.export.card import card_text
+
+    if what not in WHAT:
+        raise UserError(f"--what {what}: use one of {', '.join(WHAT)}")
+    folder = artifact_dir(run_dir, what)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in SKIP and not p.name.endswith(".tmp"))
+    card = folder / "README.md"
+    files = [f for f in files if f != card]
+    if card.is_file() and "[tuneforge]" in card.read_text():  # ours (merge writes one); peft's boilerplate card is replaced
+        return folder, files, card.read_text()
+    parity = {}
+    for report in ("export_report.json", "merge_report.json"):
+        if (folder / report).is_file():
+            parity = {k: v for k, v in json.loads((folder / report).read_text()).items() if not isinstance(v, (list, dict))}
+    return folder, files, card_text(run_dir, what, parity)
+
+
+def push(run_dir: str, repo: str, what: str = "adapter", private: bool = False, log=print) -> dict:
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    folder, files, card = upload_plan(Path(run_dir), what)
+    if get_token() is None:
+        raise UserError("push: no Hugging Face token (set HF_TOKEN in the environment or .env, or run `hf auth login`)")
+    api = HfApi()
+    url = api.create_repo(repo, private=private, exist_ok=True)
+    ops = [CommitOperationAdd(path_in_repo=str(f.relative_to(folder)), path_or_fileobj=str(f)) for f in files]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    log(f"uploading {len(ops)} files from {folder} to {repo}")
+    api.create_commit(repo, operations=ops, commit_message=f"tuneforge push: {what} from {Path(run_dir).resolve().name}")
+    return {"repo": repo, "url": str(url), "files": sorted(op.path_in_repo for op in ops)}

@@ -1,0 +1,78 @@
+"""`tuneforge eval RUN_DIR`: the run's eval split scored by the base and the fine-tuned model, side by side.
+
+Loss is cross-entropy per target token (the tokens training put loss on), so it is the number the
+run logged as eval_loss; the generate-eval metric uses the run's own setting (exact or json).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tuneforge.errors import UserError
+
+
+def target_loss(model, items: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
+    """(sum of next-token CE over labelled positions, number of those positions); labels IGNORE elsewhere."""
+    import torch
+
+    from tuneforge.data.render import IGNORE
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in items:
+            logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()  # (T-1, V)
+            target = torch.tensor(labels[1:], device=device)
+            total += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
+            count += int((target != IGNORE).sum())
+    return total, count
+
+
+def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None, log=print) -> dict:
+    import yaml
+
+    from tuneforge.config.schema import DataConfig, GenerateEval
+    from tuneforge.rundir import read_run_info, update_run_info, write_json
+
+    run = Path(run_dir)
+    read_run_info(run)  # a clear error when RUN_DIR is not a run
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: no config.yaml; `eval` needs the run directory written by `tuneforge train`")
+    # Only the sections eval needs are validated: data (to rebuild the same split) and the generate-eval metric.
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    data_cfg = DataConfig(**raw["data"])
+    metric = GenerateEval(**(raw.get("train") or {}).get("generate_eval", {})).metric
+
+    from tuneforge.data.prepare import prepare
+    from tuneforge.metrics import score
+    from tuneforge.model.generate import generate_batch
+    from tuneforge.model.load import load_model, load_tokenizer
+    from tuneforge.model.trained import load_trained, to_best_device
+
+    tuned, tokenizer, desc = load_trained(run)
+    data = prepare(data_cfg, tokenizer, log=log)
+    evals = data.eval[:samples] if samples else data.eval
+    if not evals:
+        raise UserError(f"{run}: the run has no eval split (set data.eval, data.eval_split or data.eval_size and train again)")
+    convs = [s.messages for s in evals if isinstance(s.messages, list)]
+    last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in convs]
+    prompts, refs = [c[:i] for c, i in zip(convs, last)], [c[i]["content"] for c, i in zip(convs, last)]
+    items = [(s.input_ids, s.labels) for s in evals]
+
+    def scores(model) -> dict:
+        total, count = target_loss(model, items)
+        out = {"eval_loss": total / max(1, count), "perplexity": math.exp(total / max(1, count))}
+        if prompts:
+            out.update(score(generate_batch(model, tokenizer, prompts, max_new_tokens), refs, metric))
+        return out
+
+    result = {"samples": len(evals), "tuned": scores(tuned)}
+    del tuned
+    base = to_best_device(load_model(desc["base"], dtype="auto"))  # a run dir names its base (LoRA and full)
+    base.eval()
+    result["base"] = scores(base)
+    report = run / "eval_report.json"
+    write_json(report, result)
+    update_run_info(run, eval=result)
+    return {**result, "report": str(report)}
