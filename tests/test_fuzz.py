@@ -116,6 +116,15 @@ def _commands():
     return list(walk(typer.main.get_command(cli_module.app), []))
 
 
+def _option_kind(p):
+    """(python type, min, max) of an option, on typer's vendored click (>= 0.29) or on click itself."""
+    if hasattr(p, "bare_type"):
+        return p.bare_type(), getattr(p, "min", None), getattr(p, "max", None)
+    kind = {"integer": int, "float": float}.get(getattr(p.type, "name", ""), str)
+    kind = int if "int" in getattr(p.type, "name", "") else kind
+    return kind, getattr(p.type, "min", None), getattr(p.type, "max", None)
+
+
 COMMANDS = _commands()
 USAGE_CASES = []
 for _path, _command in COMMANDS:
@@ -127,15 +136,15 @@ for _path, _command in COMMANDS:
         if _p.param_type_name != "option" or getattr(_p, "is_flag", False):
             continue
         USAGE_CASES.append(([*_path, _p.opts[0]], "tuneforge"))  # the option's value is missing
-        kind = _p.bare_type()
+        kind, lo, hi = _option_kind(_p)
         if kind in (int, float):
             USAGE_CASES.append(([*_path, _p.opts[0], "abc"], _name))
         if kind is float:
             USAGE_CASES += [([*_path, _p.opts[0], "nan"], _name), ([*_path, _p.opts[0], "inf"], _name)]
-        if kind in (int, float) and _p.min is not None:
-            USAGE_CASES.append(([*_path, _p.opts[0], str(_p.min - 1)], _name))
-        if kind in (int, float) and _p.max is not None:
-            USAGE_CASES.append(([*_path, _p.opts[0], str(_p.max * 10 + 1)], _name))
+        if kind in (int, float) and lo is not None:
+            USAGE_CASES.append(([*_path, _p.opts[0], str(lo - 1)], _name))
+        if kind in (int, float) and hi is not None:
+            USAGE_CASES.append(([*_path, _p.opts[0], str(hi * 10 + 1)], _name))
 USAGE_CASES += [(["bogus"], "No such command"), (["trian"], "No such command"), (["config", "bogus"], "No such command"),
                 (["data", "bogus"], "No such command"), (["--bogus"], "tuneforge")]
 
