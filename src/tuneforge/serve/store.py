@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, event, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from tuneforge.errors import UserError
 
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, NEEDS_CREDENTIALS = (
     "queued", "running", "finished", "failed", "cancelled", "needs_credentials")
@@ -70,7 +73,11 @@ class Store:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.url = url or f"sqlite:///{self.data_dir / 'jobs.db'}"
         sqlite = self.url.startswith("sqlite")
-        self.engine = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {})
+        try:
+            self.engine = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {})
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise UserError(f"--db {self.url}: {str(exc).splitlines()[0]} (give an SQLAlchemy URL, e.g. "
+                            "sqlite:///jobs.db or postgresql+psycopg://user@host/db)") from None
         if sqlite:
             @event.listens_for(self.engine, "connect")
             def _pragmas(conn, _record):  # WAL: readers never block the writer; durable across SIGKILL
@@ -79,7 +86,10 @@ class Store:
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
-        Base.metadata.create_all(self.engine)
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise UserError(f"--db {self.url}: cannot open the job store ({str(exc.orig).splitlines()[0]})") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     # ---- jobs ----------------------------------------------------------------------------------------
