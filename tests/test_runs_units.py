@@ -224,3 +224,24 @@ def test_doctor_table_names_every_piece():
     rows = {c.name: c for c in checks()}
     assert rows["python"].ok and rows["torch"].ok
     assert all(c.hint for c in rows.values() if not c.ok)  # every missing piece says what to do
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, llama_dir):
+    """lr 1e-12 leaves the weights unchanged in fp32, so the eval loss cannot improve: patience 1 stops at the
+    second eval, and the best checkpoint (the first eval's) is kept in RUN_DIR/best."""
+    import tiny
+    from tuneforge.config.schema import Config
+    from tuneforge.train.sft import run
+
+    rows = tiny.write_jsonl(tmp_path / "rows.jsonl", tiny.reverse_rows(40))
+    cfg = Config.model_validate({
+        "model": {"path": str(llama_dir)}, "data": {"train": [{"path": str(rows)}], "eval_size": 4, "cache_dir": str(tmp_path / "c")},
+        "train": {"max_steps": 10, "micro_batch_size": 2, "lr": 1e-12, "lr_scheduler": "constant", "eval_every": 2,
+                  "early_stopping_patience": 1, "keep_best": True},
+        "output": {"dir": str(tmp_path / "run")}, "tracking": {"tensorboard": False, "plot": False}})
+    run(cfg, log=lambda *a: None)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["status"] == "finished" and info["stopped_at"] == 4 and "early stopping" in info["stopped_early"]
+    assert info["best_step"] == 2 and json.loads((tmp_path / "run" / "best" / "trainer.json").read_text())["step"] == 2
+    assert max(r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r) == 4
+    assert (tmp_path / "run" / "final").is_dir() and (tmp_path / "run" / "report.html").is_file()

@@ -138,6 +138,8 @@ class RunGuard:
         if stop:
             self.stop_reason = (f"early stopping: eval loss has not improved for {self.watchdog.evals_without_gain} evals "
                                 f"(best {self.watchdog.best_eval:.4f} at step {self.watchdog.best_step})")
+            if self.main:
+                self.run.update(stopped_early=self.stop_reason, stopped_at=step)
         return best, (self.stop_reason if stop else None)
 
     def state(self) -> dict:
