@@ -367,6 +367,17 @@ def test_issue_mistral_v03_system_message(llama_dir):
     assert encode(mistral, ends_with_user, "assistant", 4096)[1].notes == ()
 
 
+def test_reasoning_replies_train_what_the_template_keeps(llama_dir):
+    qwen3 = constructed(llama_dir, "qwen3")  # parses <think>: keeps reasoning in the last turn only
+    last = "<think>\nreason here\n</think>\n\nthe answer"
+    assert trained_text(qwen3, conv("q", last)) == "<think>\nreason here\n</think>\n\nthe answer<|im_end|>"
+    _, enc = encode(qwen3, conv("q", "<think>\nr1\n</think>\n\nA1", "q2", "<think>\nr2\n</think>\n\nA2"), "assistant", 4096)
+    runs = qwen3.decode([t if lab != IGNORE else qwen3.pad_token_id for t, lab in zip(enc.input_ids, enc.labels)])
+    assert [r for r in runs.split("<pad>") if r] == ["A1<|im_end|>", "<think>\nr2\n</think>\n\nA2<|im_end|>"]
+    chatml = builtin(llama_dir, "chatml")  # prints the content as is
+    assert trained_text(chatml, conv("q", last)) == last + "<|im_end|>"
+
+
 def tool_row(call_id=None):
     call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
     return [{"role": "user", "content": "Weather in Oslo?"},
@@ -438,6 +449,7 @@ def test_openai_tool_calls_in_a_messages_row_are_kept_or_named(tmp_path, llama_d
         _prepare(tmp_path / "p", constructed(llama_dir, "phi4_mini"), [row])
 
 
+@pytest.mark.slow
 def test_prepare_table_shows_skips_by_reason(tmp_path, llama_dir):
     rows = [{"messages": conv("q", "fine")}, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}]}]
     cfg = write_config(tmp_path / "c.yaml", llama_dir, tiny.write_jsonl(tmp_path / "t.jsonl", rows), tmp_path / "run",

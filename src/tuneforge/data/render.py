@@ -101,12 +101,20 @@ def _marked(messages: Messages, tools: list | None, keep_empty: bool) -> tuple[l
         content = m.get("content")
         # An empty content is marked too (its slot says where the reply would be), unless the message carries
         # tool calls (templates print a separator only when there is content) or this is the fallback render.
-        if isinstance(content, str) and (content.strip() or not (keep_empty or m.get("tool_calls"))):
+        if isinstance(content, str) and not keep_empty and "</think>" in content and _THINK_SPLIT.sub("", content):
+            # Reasoning: the tags stay (templates parse them: Qwen3 moves the reasoning, drops it from earlier
+            # turns); each text between them is its own slot.
+            m2["content"] = "".join(p if _THINK.fullmatch(p) else mark(i, "part") if p else "" for p in _THINK_SPLIT.split(content))
+        elif isinstance(content, str) and (content.strip() or not (keep_empty or m.get("tool_calls"))):
             m2["content"] = mark(i, "content")
         if m.get("tool_calls"):
             m2["tool_calls"] = [_rename(c, lambda i=i: mark(i, "call")) for c in m["tool_calls"]]
         out.append(m2)
     return out, marked_tools, slots
+
+
+_THINK = re.compile(r"</?think>")
+_THINK_SPLIT = re.compile(r"(</?think>)")
 
 
 def _rename(obj, new_name) -> dict:
@@ -122,6 +130,8 @@ def _slot_value(slot: tuple[int, str, int], messages: Messages, tools: list | No
     owner, kind, k = slot
     if kind == "content":
         return messages[owner]["content"]
+    if kind == "part":
+        return [p for p in _THINK_SPLIT.split(messages[owner]["content"]) if p and not _THINK.fullmatch(p)][k]
     return _name_of(messages[owner]["tool_calls"][k] if kind == "call" else tools[k])
 
 
@@ -163,7 +173,7 @@ _SHAPES: dict[tuple, Structure] = {}
 def _shape_structure(tokenizer, key: tuple | None, messages: Messages, tools: list | None, keep_empty: bool, fresh: bool = False) -> Structure:
     """Cached per conversation shape for plain chats (the sentinel render depends on roles only); rendered
     per conversation when messages carry tool calls or other fields."""
-    if key is None or not all(m.keys() <= {"role", "content"} for m in messages) or tools:
+    if key is None or tools or not all(m.keys() <= {"role", "content"} and "think>" not in m["content"] for m in messages):
         return _structure(tokenizer, messages, tools, keep_empty)
     shape = (key, keep_empty, tuple((m["role"], keep_empty and not m["content"].strip()) for m in messages))
     if fresh or shape not in _SHAPES:
@@ -253,7 +263,10 @@ def _spans(tokenizer, text: str, st: Structure, found: list, messages: Messages,
         if kinds.count("content") > 1:
             raise BadRow(f"the chat template renders a message twice: message {i} (assistant) appears {kinds.count('content')} times")
         first, last = ks[0], ks[-1]
-        start = found[first][0] if kinds[0] == "content" else _call_start(tokenizer, st, found, first, messages[:i], tools, keep_empty)
+        start = found[first][0] if kinds[0] != "call" else _call_start(tokenizer, st, found, first, messages[:i], tools, keep_empty)
+        if kinds[0] == "part":  # a reply that opens with reasoning: its opening tag (printed by the template) is trained too
+            at = st.fixed[first].rfind("<think>")
+            start -= len(st.fixed[first]) - at if at >= 0 else 0
         spans.append((start, found[last][1] + st.ends[last + 1]))
     return spans, tuple(dict.fromkeys(notes))
 
