@@ -26,8 +26,9 @@ def build_optimizer(model, t) -> torch.optim.Optimizer:
     groups = param_groups(model, t.weight_decay)
     name, lr = t.optimizer, t.lr
     if name == "adamw":
-        on_gpu = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=lr, betas=t.betas, fused=on_gpu or None)
+        # Built before accelerate moves the model to the GPU: decide by the machine, not by where params are now.
+        fused = torch.cuda.is_available() and not getattr(t, "fsdp", False)
+        return torch.optim.AdamW(groups, lr=lr, betas=t.betas, fused=fused or None)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
     if name == "adagrad":
