@@ -150,6 +150,28 @@ def test_native_config_and_conflicting_run_id(server):
     r = client.post("/v1/jobs", json={"config": cfg, "run_id": "native-1"}, headers=h(tokens))
     assert r.status_code == 201, r.text
     assert client.post("/v1/jobs", json={"config": cfg, "run_id": "native-1"}, headers=h(tokens)).status_code == 409
+    assert client.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=h(tokens)).status_code == 200  # keep CI short
+
+
+@pytest.mark.slow
+def test_cancel_running_job_checkpoints_then_stops(server):
+    client, tokens, data, app = server
+    r = client.post("/v1/jobs", json=seed_request("to-cancel", max_steps=500, val_set_size=0, loss_watchdog_threshold=100),
+                    headers=h(tokens))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    wait_for(lambda: (job(client, tokens, job_id)["metrics"].get("step") or 0) >= 1)
+    pid = app.state.worker.procs[job_id][0].pid
+    c = client.post(f"/v1/jobs/{job_id}/cancel", headers=h(tokens))
+    assert c.status_code == 200
+    final = wait_for(lambda: ended(client, tokens, job_id))
+    assert final["status"] == "cancelled" and "checkpoint at step" in final["reason"], final
+    assert final["exit_code"] == 130  # the run stopped itself after its checkpoint (SIGTERM, not SIGKILL)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
+    run_dir = data / "users" / "user" / "runs" / "to-cancel"
+    info = json.loads(next(run_dir.rglob("run_info.json")).read_text())
+    assert info["status"] == "interrupted" and list(run_dir.rglob("checkpoints/*"))
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=h(tokens)).status_code == 409
 
 
 def test_oversized_bad_json_and_no_tracebacks(server):
