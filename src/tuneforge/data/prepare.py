@@ -260,6 +260,8 @@ def _check_chunk(items: list, encoded: list, data_cfg: DataConfig) -> _Chunk:
     ch = _Chunk([], None, None, [], [], [], Counter(), 0)
     keep = []
     for k, (item, enc) in enumerate(zip(items, encoded)):
+        if data_cfg.empty_replies == "bad_row" and not isinstance(enc, BadRow) and _empty_reply(item):
+            enc = BadRow("empty assistant reply: the row has an assistant turn with no text (or set data.empty_replies: train_end_token)")
         if isinstance(enc, BadRow):
             ch.bad.append((k, str(enc)))
             continue
@@ -276,6 +278,11 @@ def _check_chunk(items: list, encoded: list, data_cfg: DataConfig) -> _Chunk:
     ch.ids, ch.labels = int_lists([e.input_ids for e, _ in keep]), int_lists([e.labels for e, _ in keep])
     ch.messages = [json.dumps(item) for _, item in keep]
     return ch
+
+
+def _empty_reply(item) -> bool:
+    msgs = item["messages"] if isinstance(item, dict) and "messages" in item else item
+    return isinstance(msgs, list) and any(m.get("role") == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_calls") for m in msgs)
 
 
 def _chunks_of(items: list, tokenizer, data_cfg: DataConfig):
