@@ -437,6 +437,14 @@ def test_prepare_names_file_and_row_and_counts_skips(tmp_path, llama_dir):
     assert _prepare(tmp_path / "m", mistral, rows).report["changed_by_template"] == {"system message dropped by the chat template": 3}
 
 
+def test_empty_replies_train_their_end_token_or_follow_on_bad_row(tmp_path, tokenizer):
+    rows = [{"messages": conv("q", "", "again", "fine")}, {"messages": conv("p", "ok")}]
+    data = _prepare(tmp_path, tokenizer, rows)
+    assert trained(tokenizer, data.train[0].input_ids, data.train[0].labels) == "<|im_end|>fine<|im_end|>"
+    skipped = _prepare(tmp_path / "s", tokenizer, rows, empty_replies="bad_row", on_bad_row="skip")
+    assert skipped.report["dropped"] == {"empty assistant reply": 1} and skipped.report["train_samples"] == 1
+
+
 def test_openai_tool_calls_in_a_messages_row_are_kept_or_named(tmp_path, llama_dir):
     from tuneforge.errors import UserError
 

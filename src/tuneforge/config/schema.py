@@ -150,6 +150,9 @@ class DataConfig(Section):
     train_on: Literal["assistant", "all", "last_assistant"] = Field(
         "assistant", description="Which tokens carry loss: assistant turns (+ their end token), everything, or the last assistant turn."
     )
+    empty_replies: Literal["train_end_token", "bad_row"] = Field(
+        "train_end_token", description="An empty or whitespace-only assistant reply: train only its own end-of-turn token, or make the row a bad row (see on_bad_row)."
+    )
     system_prompt: Optional[str] = Field(None, description="System prompt added to conversations that have none.")
     packing: Literal["off", "padding_free", "bins"] = Field(
         "padding_free",
