@@ -245,3 +245,23 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, llama_dir):
     assert info["best_step"] == 2 and json.loads((tmp_path / "run" / "best" / "trainer.json").read_text())["step"] == 2
     assert max(r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r) == 4
     assert (tmp_path / "run" / "final").is_dir() and (tmp_path / "run" / "report.html").is_file()
+
+
+def test_preflight_refuses_unwritable_output_and_a_disk_too_small(tmp_path):
+    import torch
+
+    from helpers import run_cli_inprocess
+    from tuneforge.train.preflight import check_disk, check_writable
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_writable(tmp_path / "afile" / "run")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {tmp_path}}}\ndata: {{train: [{{path: {tmp_path / 'afile'}}}]}}\n"
+                   f"output: {{dir: {tmp_path / 'afile' / 'run'}}}\n")
+    proc = run_cli_inprocess("train", cfg)
+    assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    huge = torch.nn.Linear(200_000, 100_000, device="meta")  # 2e10 fp32 parameters: 80 GB of weights, never allocated
+    with pytest.raises(UserError, match=r"needs ~\d+.* GiB for 2 checkpoint\(s\) and the final model, but only"):
+        check_disk(tmp_path, huge, keep=2, saves=True, full=True)
+    assert check_disk(tmp_path, torch.nn.Linear(4, 4), keep=2, saves=True, full=True) == (20 * 3 * 4 + 20) * 4
