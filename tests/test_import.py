@@ -153,3 +153,22 @@ def test_cli_import_writes_a_config_the_loader_accepts(tmp_path, llama_dir):
     assert ok.returncode == 0, ok.stderr
     bad = run_cli_inprocess("config", "import", src, "--from", "nope")
     assert_user_error(bad, "--from")
+
+
+def test_methods_and_engines_map_to_the_schema_keys():
+    lf = translate({"model_name_or_path": "m", "dataset": "a.json", "finetuning_type": "freeze", "stage": "dpo",
+                    "pref_beta": 0.2, "neftune_noise_alpha": 5, "quantization_bit": 4, "deepspeed": "ds_z3.json"}, "llamafactory")
+    # QLoRA is LoRA-only in tuneforge: with freeze the quantization is reported, not silently applied
+    assert rows_by_key(lf)["quantization_bit"].status == NOT_MAPPED and "LoRA" in rows_by_key(lf)["quantization_bit"].note
+    cfg = Config.model_validate(lf.config)
+    assert cfg.train.finetune == "freeze" and cfg.train.freeze.layers == 2 and cfg.train.method == "dpo"
+    assert cfg.preference.beta == 0.2 and cfg.train.neftune_alpha == 5 and cfg.model.quantize is None
+    assert cfg.train.deepspeed == "ds_z3.json"
+    ax = translate({**REQUEST["input"]["args"], "adapter": "qlora", "fsdp": ["full_shard"], "flash_attention": False,
+                    "torch_compile": True, "tf32": True}, "axolotl")
+    cfg = Config.model_validate(ax.config)
+    assert cfg.model.quantize == "4bit" and cfg.train.fsdp and cfg.train.compile and cfg.train.tf32
+    assert cfg.train.optimizer == "adamw_8bit"
+    xl = translate({**XLLM, "deepspeed_stage": 3, "load_in_4bit": True, "apply_lora": True}, "xllm")
+    cfg = Config.model_validate(xl.config)
+    assert cfg.train.deepspeed == "zero3" and cfg.model.quantize == "4bit" and cfg.model.quant_type == "nf4"

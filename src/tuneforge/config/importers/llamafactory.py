@@ -79,7 +79,9 @@ def _stage(v):
 
 
 def _finetuning_type(v):
-    if v in ("lora", "full", "freeze"):
+    if v == "freeze":  # LLaMA-Factory trains the last 2 layers by default (freeze_trainable_layers)
+        return {"train.finetune": "freeze", "train.freeze.layers": 2}
+    if v in ("lora", "full"):
         return {"train.finetune": v}
     raise NotMapped(f"finetuning_type {v!r}: tuneforge has lora, full, freeze")
 
@@ -145,7 +147,11 @@ RULES: dict[str, Any] = {
     "weight_decay": to("train.weight_decay", float),
     "max_grad_norm": to("train.max_grad_norm"),
     "seed": to("train.seed"),
-    "neftune_noise_alpha": to("train.neftune_noise_alpha"),
+    "neftune_noise_alpha": to("train.neftune_alpha"),
+    "pref_beta": to("preference.beta"),
+    "dpo_beta": to("preference.beta"),
+    "freeze_trainable_layers": to("train.freeze.layers"),
+    "num_layer_trainable": to("train.freeze.layers"),
     "flash_attn": _flash_attn,
     "bf16": _bool_precision("bf16"),
     "fp16": _bool_precision("fp16"),
@@ -204,8 +210,11 @@ def translate(args: dict[str, Any], source: str = "LLaMA-Factory arguments") -> 
                         f"{args.get('checkpoint_dir', 'the run directory')}")
     t = Translator(source)
     _datasets(t, args)
+    rules = dict(RULES)
+    if {"freeze_trainable_layers", "num_layer_trainable"} & set(args):
+        rules["finetuning_type"] = lookup("train.finetune", {"lora": "lora", "full": "full", "freeze": "freeze"}, "finetuning_type")
     for key, value in args.items():
         if key in ("dataset", "dataset_dir", "max_samples"):
             continue
-        t.apply(key, value, RULES.get(key), f"unknown LLaMA-Factory argument {key!r}: no tuneforge equivalent")
+        t.apply(key, value, rules.get(key), f"unknown LLaMA-Factory argument {key!r}: no tuneforge equivalent")
     return t.finish({"model.path": "model_name_or_path", "model": "model_name_or_path", "data.train": "dataset", "data": "dataset"})

@@ -59,7 +59,7 @@ RULES: dict[str, Any] = {
     "huggingface_hub_token": secret("HF_TOKEN"),
     "deepspeed_stage": _deepspeed_stage,
     "deepspeed_config_path": to("train.deepspeed"),
-    "fsdp_strategy": empty_or(to("train.fsdp")),
+    "fsdp_strategy": empty_or(lambda v: {"train.fsdp": True}),
     "fsdp_offload": ignored("applies only with fsdp_strategy; tuneforge's FSDP preset decides offload"),
     "seed": to("train.seed"),
     "stabilize": flag("model.stabilize", True, "false: no mixed fp32 layers"),
