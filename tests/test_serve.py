@@ -200,3 +200,14 @@ def test_200_malformed_requests_are_4xx_never_500(server):
     assert {code for label, code, _ in results if label in ("path traversal", "absolute path")} == {400}
     assert {code for label, code, _ in results if label.startswith("unknown key")} == {422}
     assert {j["id"] for j in client.get("/v1/jobs", headers=h(tokens)).json()["jobs"]} == before  # none was queued
+
+
+def test_gpu_slots_are_disjoint_groups(monkeypatch):
+    from tuneforge.serve.worker import gpu_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert gpu_slots(4) == ["0", "1", "2", "3"]
+    assert gpu_slots(2, gpus_per_job=2) == ["0,1", "2,3"]  # each job: --nproc 2 on its own pair
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert gpu_slots(1) == [None]

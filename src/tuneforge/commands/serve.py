@@ -47,7 +47,8 @@ def config_import(file: Path, source: str = typer.Option(..., "--from", help="ax
 def serve(ctx: typer.Context, host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8000, help="TCP port."), data_dir: Path = DataDirOpt, db: Optional[str] = DbOpt,
           concurrency: Optional[int] = typer.Option(None, help="Jobs run at once (default: one per visible GPU, one on CPU)."),
-          max_body: int = typer.Option(1 << 20, help="Largest accepted request body in bytes (larger: 413).")):
+          max_body: int = typer.Option(1 << 20, help="Largest accepted request body in bytes (larger: 413)."),
+          gpus_per_job: int = typer.Option(1, min=1, help="GPUs per job (N > 1: `tuneforge train --nproc N`).")):
     """Serve the job API: POST /v1/jobs, GET /v1/jobs[/ID[/logs]], POST /v1/jobs/ID/cancel, artifacts."""
     if ctx.invoked_subcommand is not None:
         return
@@ -56,7 +57,8 @@ def serve(ctx: typer.Context, host: str = typer.Option("127.0.0.1", help="Interf
     from tuneforge.serve.api import create_app
     from tuneforge.serve.worker import default_concurrency
 
-    application = create_app(data_dir, db, concurrency or default_concurrency(), max_body)
+    application = create_app(data_dir, db, concurrency or max(1, default_concurrency() // gpus_per_job), max_body,
+                             gpus_per_job=gpus_per_job)
     console.print(f"tuneforge serve: http://{host}:{port}  data: {data_dir.resolve()}")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 

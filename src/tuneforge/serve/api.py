@@ -77,9 +77,9 @@ class _TooLarge(Exception):
 
 
 def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int = 1, max_body: int = 1 << 20,
-               tick_s: float = 0.5) -> FastAPI:
+               tick_s: float = 0.5, gpus_per_job: int = 1) -> FastAPI:
     store = Store(data_dir, db_url)
-    worker = Worker(store, concurrency, log=lambda m: log.warning(m))
+    worker = Worker(store, concurrency, log=lambda m: log.warning(m), gpus_per_job=gpus_per_job)
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -47,12 +47,14 @@ def default_concurrency() -> int:
     return 1
 
 
-def gpu_slots(concurrency: int) -> list[str | None]:
+def gpu_slots(concurrency: int, gpus_per_job: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each job slot: disjoint groups of `gpus_per_job` GPUs (None on CPU)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    ids = [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"] if visible else []
     if not ids and shutil.which("nvidia-smi"):
         ids = [str(i) for i in range(default_concurrency())]
-    return [ids[i % len(ids)] if ids else None for i in range(concurrency)]
+    groups = [",".join(ids[i:i + gpus_per_job]) for i in range(0, len(ids) - gpus_per_job + 1, gpus_per_job)]
+    return [groups[i % len(groups)] if groups else None for i in range(concurrency)]
 
 
 def _die_with_parent() -> None:
@@ -113,9 +115,9 @@ def pid_is_job(pid: int | None, job_id: str) -> bool:
 
 
 class Worker:
-    def __init__(self, store: Store, concurrency: int = 1, log: Callable[[str], None] = lambda m: None):
+    def __init__(self, store: Store, concurrency: int = 1, log: Callable[[str], None] = lambda m: None, gpus_per_job: int = 1):
         self.store, self.concurrency, self.log = store, concurrency, log
-        self.slots: list[str | None] = gpu_slots(concurrency)
+        self.slots: list[str | None] = gpu_slots(concurrency, gpus_per_job)
         self.procs: dict[str, tuple[subprocess.Popen, int]] = {}  # job id -> (child, slot index)
         self.credentials: dict[str, dict[str, str]] = {}  # job id -> env; memory only, by design
         self.term_sent: dict[str, float] = {}
@@ -211,6 +213,9 @@ class Worker:
         cfg_path = folder / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(config_of(job), sort_keys=False))
         cmd = [sys.executable, "-m", "tuneforge", "train", str(cfg_path)]
+        gpus = self.slots[slot].split(",") if self.slots[slot] else []
+        if len(gpus) > 1:
+            cmd += ["--nproc", str(len(gpus))]  # multi-GPU through the training engine's own launcher
         if job.resume:
             cmd.append("--resume")
         elif Path(job.run_dir).exists():
