@@ -91,6 +91,10 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
     before, after = summary.get("generate_eval_before", {}), summary.get("generate_eval_after", {})
     for key in after:
         table.add_row(key.removeprefix("gen_") + " (held-out)", f"{before.get(key, float('nan')):.1%}", f"{after[key]:.1%}")
+    for key, name in (("eval_reward_accuracy", "reward accuracy (held-out pairs)"), ("eval_reward_margin", "reward margin (held-out pairs)")):
+        if key in summary:  # preference methods (train/dpo.py)
+            was = summary.get(f"{key}_before")
+            table.add_row(name, "" if was is None else f"{was:.4g}", f"{summary[key]:.4g}")
     Console().print(table)
 
 

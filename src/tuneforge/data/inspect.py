@@ -14,6 +14,11 @@ def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
     tok = load_tokenizer(resolve_model_dir(cfg.model, need_weights=False), cfg.model)
     data = prepare(cfg.data, tok)
     samples = (data.train if split == "train" else data.eval)[:limit]
+    pairs = (data.pairs if split == "train" else data.eval_pairs)[:limit]
+    if pairs and not samples:  # preference data: prompt, chosen and rejected spans
+        from tuneforge.data.preference import inspect
+
+        return inspect(pairs, tok, as_json, data.report)
     if as_json:
         # The exact string that was tokenized (re-rendered: decode() is not always the inverse of encode()).
         texts = [_text(s, tok, cfg.data.train_on) for s in samples]

@@ -270,3 +270,45 @@ def report(train: list, evals: list, counts: Counter) -> dict:
         "truncated_prompt": counts["truncated_prompt"], "truncated_completion": counts["truncated_completion"],
         **({"prompt_tokens_differ": counts["prompt_tokens_differ"]} if counts["prompt_tokens_differ"] else {}),
     }
+
+
+# ---- inspect -------------------------------------------------------------------------------------------
+
+
+def inspect(items: list, tokenizer, as_json: bool, report: dict) -> None:
+    """`tuneforge data inspect` for preference data: each pair's prompt, chosen and rejected spans (KTO rows:
+    prompt and completion), token by token; trained tokens highlighted."""
+    def side(c: Completion) -> dict:
+        return {"text": tokenizer.decode(c.ids), "ids": c.ids, "labels": c.labels}
+
+    if as_json:
+        rows = []
+        for x in items:
+            row = {"prompt": tokenizer.decode(x.prompt_ids), "prompt_ids": x.prompt_ids}
+            if isinstance(x, Pair):
+                row.update(chosen=side(x.chosen_completion), rejected=side(x.rejected_completion))
+            else:
+                row.update(completion=side(x.completion), desirable=x.desirable)
+            rows.append(row)
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console()
+    console.print(f"preference data: {json.dumps(report.get('preference', {}))}, dropped {report.get('dropped') or 'none'}", highlight=False)
+
+    def show(label: str, ids: list[int], labels: list[int] | None, style: str) -> None:
+        text = Text(f"{label}: ", style="bold")
+        for k, tid in enumerate(ids):
+            text.append(tokenizer.decode([tid]), style=style if labels is not None and labels[k] != IGNORE else "dim")
+        console.print(text)
+
+    for i, x in enumerate(items):
+        sides = [("chosen", x.chosen_completion, "bold green"), ("rejected", x.rejected_completion, "bold red")] if isinstance(x, Pair) \
+            else [("desirable" if x.desirable else "undesirable", x.completion, "bold green" if x.desirable else "bold red")]
+        console.rule(f"{'pair' if isinstance(x, Pair) else 'KTO row'} {i}: prompt {len(x.prompt_ids)} tokens, "
+                     + ", ".join(f"{name} {len(c.ids)} ({c.n_targets} trained)" for name, c, _ in sides))
+        show("prompt", x.prompt_ids, None, "dim")
+        for name, c, style in sides:
+            show(name, c.ids, c.labels, style)
