@@ -92,6 +92,10 @@ def test_added_tokens_grow_embeddings_and_save_them_with_the_adapter(tmp_path, l
     model.resize_token_embeddings(len(tok))
     model = PeftModel.from_pretrained(model, final)
     assert model.get_input_embeddings().weight.shape[0] == vocab + 2
+    from tuneforge.model.trained import load_trained  # what merge / generate / chat use
+
+    loaded, tok2, desc = load_trained(final.parent, dtype="float32")
+    assert desc["kind"] == "lora" and loaded.get_input_embeddings().weight.shape[0] == len(tok2) == vocab + 2
 
 
 def test_init_from_an_adapter_continues_from_its_weights(tmp_path, llama_dir, data):

@@ -47,6 +47,8 @@ def load_trained(path: str | Path, dtype: str = "auto"):
         from tuneforge.model.load import weights_error
 
         base = load_model(d["base"], dtype=dtype)
+        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(tokenizer))  # tokens added in training (model.add_tokens): the adapter holds their rows
         try:
             model = PeftModel.from_pretrained(base, str(d["weights"]))
         except Exception as exc:  # noqa: BLE001 - a corrupt adapter file is a user error; anything else re-raises
