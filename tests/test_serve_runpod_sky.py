@@ -73,11 +73,12 @@ def test_launch_writes_a_valid_skypilot_task(tmp_path, llama_dir):
         assert "tuneforge train" in check.stdout
 
 
-def test_launch_without_skypilot_says_how(tmp_path, llama_dir):
-    if shutil.which("sky"):
-        pytest.skip("skypilot is installed here: launching would start a real cluster")
-    train = tmp_path / "train.jsonl"
-    train.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
-    cfg = write_config(tmp_path / "job.yaml", llama_dir, train, tmp_path / "run")
-    assert_user_error(run_cli("launch", cfg, "--on", "skypilot"), "pip install")
-    assert_user_error(run_cli("launch", cfg, "--on", "k8s"), "skypilot")
+def test_launch_without_skypilot_says_how(tmp_path, monkeypatch):
+    from tuneforge.errors import UserError
+    from tuneforge.serve.skypilot import launch_task
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="pip install"):
+        launch_task(tmp_path / "job.sky.yaml", print)
+    proc = run_cli("launch", tmp_path / "missing.yaml", "--on", "k8s")
+    assert_user_error(proc, "skypilot")
