@@ -36,7 +36,10 @@ def main() -> None:
     ap.add_argument("--malformed", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--kill-every", type=int, default=8, help="SIGKILL the server after every N finished jobs.")
     ap.add_argument("--out", type=Path, default=None, help="Also write the summary JSON here.")
+    ap.add_argument("--deadline-s", type=float, default=4 * 3600,
+                    help="Stop waiting for jobs after this long and report the state reached (queued jobs are counted).")
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="tf-serve-load-"))
@@ -82,7 +85,7 @@ def main() -> None:
             done = sum(j["status"] in ("finished", "failed") for j in js.values())
             mid = any(j["status"] == "running" and list((data / "users" / j["user"] / "runs" / j["run_id"]).rglob("checkpoints/*"))
                       for j in js.values())
-            return done >= (k + 1) * max(1, args.jobs // (args.kills + 1)) // 2 and mid
+            return done >= (k + 1) * args.kill_every and mid
         wait_for(ready, timeout=7200, every=0.5)
         server.kill9()
         kills.append(round(time.time() - t0, 1))
@@ -93,7 +96,11 @@ def main() -> None:
         js = jobs()
         return js if all(j["status"] in ("finished", "failed", "cancelled") for j in js.values()) else None
 
-    final = wait_for(all_ended, timeout=4 * 3600, every=1.0)
+    try:
+        final = wait_for(all_ended, timeout=max(60.0, args.deadline_s - (time.time() - t0)), every=1.0)
+        deadline_hit = False
+    except AssertionError:
+        final, deadline_hit = jobs(), True
     wall = time.time() - t0
 
     bad = malformed_requests(args.malformed)
@@ -119,7 +126,7 @@ def main() -> None:
         "failed_reasons": [j["reason"] for j in final.values() if j["status"] == "failed"],
         "attempts": dict(collections.Counter(j["attempts"] for j in final.values())),
         "resumed_from_checkpoint": sum(1 for j in final.values() if j["resume"]),
-        "peak_running": peak, "wall_s": round(wall, 1),
+        "peak_running": peak, "wall_s": round(wall, 1), "deadline_hit": deadline_hit,
         "malformed": {"sent": len(answers), "codes": dict(collections.Counter(c for _, c, _ in answers)),
                       "5xx": sum(c >= 500 for _, c, _ in answers), "tracebacks": sum(t for *_, t in answers),
                       "by_kind": {label: sorted({c for l2, c, _ in answers if l2 == label}) for label in sorted({a[0] for a in answers})}},
