@@ -104,3 +104,23 @@ def test_kill9_at_random_points_then_resume_is_bit_identical(tmp_path, llama_dir
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and bool((got[k] == want[k]).all()), (plan, k)
+
+
+@pytest.mark.slow
+def test_kill9_two_process_run_resumes_bit_identical(tmp_path, llama_dir):
+    """Two processes (DDP over gloo): every rank dies with SIGKILL mid-checkpoint, then after a step."""
+    ref = run_cli("train", make_config(tmp_path, llama_dir, "lora", "reference"), "--nproc", "2")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cfg = make_config(tmp_path, llama_dir, "lora", "killed")
+    resume = []
+    for point in ("kill@ckpt:6", "kill@step:10"):
+        proc = run_cli("train", cfg, "--nproc", "2", *resume, env={"TUNEFORGE_FAULT": point})
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, (point, proc.returncode, proc.stderr[-2000:])
+        resume = ["--resume"]
+    done = run_cli("train", cfg, "--nproc", "2", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run, reference = tmp_path / "killed", tmp_path / "reference"
+    assert json.loads((run / "run_info.json").read_text())["status"] == "finished"
+    assert curve(run) == curve(reference) and len(curve(run)) == TOTAL
+    got, want = final_weights(run), final_weights(reference)
+    assert got.keys() == want.keys() and all(bool((got[k] == want[k]).all()) for k in want)
