@@ -185,14 +185,14 @@ def _read_sql(p: Path, query: str | None) -> Iterator[Row]:
         con = sqlite3.connect(":memory:")
         try:
             con.executescript(_read_text(p))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: a NUL byte in the script
             raise UserError(f"{p}: the SQL dump does not load into SQLite ({exc})") from None
     else:
         con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)  # read-only: never touch the user's database
     con.row_factory = sqlite3.Row
     try:
         cursor = con.execute(query)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError) as exc:
         raise UserError(f"{p}: query failed ({exc}): check table and column names") from None
     for n, rec in enumerate(cursor, start=1):
         yield Row(dict(rec), str(p), n)
