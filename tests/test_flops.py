@@ -34,3 +34,24 @@ def test_mfu_from_device_table_and_override(monkeypatch):
     assert device_peak_flops("NVIDIA H100 80GB HBM3") == 790e12
     # The issue's measured H100 point: 22,853 tok/s of a 1.54B model at 6N -> ~26.8% of 790 TFLOP/s.
     assert abs(mfu(22853, 6 * 1.54e9, 790e12) - 0.267) < 0.002
+
+
+def test_training_logs_mfu_when_the_device_peak_is_known(tmp_path, llama_dir, monkeypatch):
+    """With a known peak (the override), each logged step carries mfu = tokens/s x FLOPs/token / peak."""
+    import json
+
+    import tiny
+    from test_invariants import recipe
+
+    monkeypatch.setenv("TUNEFORGE_PEAK_TFLOPS", "0.001")  # 1 GFLOP/s: a CPU-sized peak, so the number is visible
+    train_file = tiny.write_jsonl(tmp_path / "t.jsonl", tiny.reverse_rows(16, seed=7))
+    r = recipe(tmp_path, llama_dir, train_file, "mfu", micro_batch_size=4, max_steps=2)
+    assert r.peak_flops == 1e9
+    per_token = flops_per_token(r.model.config, sum(len(s) for s in r.data.train) / len(r.data.train), 1.0)
+    assert abs(r.flops_per_token - per_token) < 1e-6 * per_token
+    r.train()
+    rows = [json.loads(line) for line in (r.run.root / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    assert len(steps) == 2
+    for row in steps:
+        assert abs(row["mfu"] - round(row["tokens_per_s"] * per_token / 1e9, 4)) <= 1e-4

@@ -68,3 +68,21 @@ def mfu(tokens_per_s: float, per_token_flops: float, peak_flops: float | None, d
     if not peak_flops:
         return None
     return tokens_per_s * per_token_flops / (peak_flops * devices)
+
+
+def run_flops(model, mean_sample_len: float) -> tuple[float, float | None]:
+    """(model FLOPs per trained token, device peak FLOP/s or None) for a training run's MFU log."""
+    import torch
+
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad) / max(1, sum(p.numel() for p in params))
+    per_token = flops_per_token(model.config, mean_sample_len, trainable)
+    return per_token, device_peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def mean_length(items, default: float) -> float:
+    """Mean tokens per training item (what attention spans in a packed row); `default` for items without a length."""
+    try:
+        return sum(len(x) for x in items) / len(items) if len(items) else default
+    except TypeError:
+        return default

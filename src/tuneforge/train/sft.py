@@ -12,7 +12,7 @@ import time
 
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
-from tuneforge.outputs import check_output_dir, clear_output_dir, mark_output_dir
+from tuneforge.outputs import clear_output_dir, mark_output_dir
 from tuneforge.rundir import RunDir, versions
 
 
@@ -31,14 +31,8 @@ class SFTRecipe:
 
         # Lock, resume checks (config changes, finished runs), watchdog, signals: see train/guard.py.
         self.guard = RunGuard(self.cfg, self.run, self.resume, self.log)
-        if self.resume:
-            return
-        if self.run.exists() and not self.cfg.output.overwrite:
-            status = self.run.status
-            fix = "add --resume to continue it" if status != "finished" else "choose another output.dir"
-            raise UserError(f"{self.run.root} already holds a {status} run: {fix}, or --set output.overwrite=true")
-        # Only ever replace a directory that is a tuneforge run (never '.', a parent, or a user's folder).
-        check_output_dir(self.run.root, "run", self.cfg.output.overwrite, "output.overwrite=true", self.cfg.config_path)
+        if not self.resume:
+            self.run.check_new(self.cfg)  # never a folder holding another run, or one tuneforge did not write
 
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -47,6 +41,7 @@ class SFTRecipe:
         from tuneforge.model.load import load_model, load_tokenizer, resolve_model_dir
         from tuneforge.train import checkpoint
         from tuneforge.train.engine import make_accelerator, seed_everything
+        from tuneforge.train.flops import mean_length, run_flops
         from tuneforge.train.optim import build_optimizer, build_scheduler
 
         cfg, t = self.cfg, self.cfg.train
@@ -67,6 +62,7 @@ class SFTRecipe:
         self._plan_steps()
         model = prepare_for_training(load_model(self.source, cfg.model), cfg, self.tokenizer, self.log)
         self.guard.preflight(model)  # enough disk for the checkpoints, before the first step
+        self.flops_per_token, self.peak_flops = run_flops(model, mean_length(self.batcher.items, cfg.data.max_length))  # MFU
         optimizer = build_optimizer(model, t)
         scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accel.prepare(model, optimizer, scheduler)
@@ -169,6 +165,7 @@ class SFTRecipe:
         from tuneforge.train.engine import generate_eval, update_bar
         from tuneforge.train.engine import generate_eval, update_bar
         from tuneforge.train.step import update
+        from tuneforge.train.flops import mfu
         from tuneforge.train.tracking import Tracker, progress_bar
 
         t = self.cfg.train
@@ -189,6 +186,8 @@ class SFTRecipe:
                 last["tokens_per_s"] = round(last["tokens"] / (time.perf_counter() - began), 1)
                 done = step + 1
                 self.guard.measure(last)
+                if self.peak_flops:  # known device: model FLOPs utilisation of this step, all processes together
+                    last["mfu"] = round(mfu(last["tokens_per_s"], self.flops_per_token, self.peak_flops, self.accel.num_processes), 4)
                 if done % t.log_every == 0 or done == self.total_steps:
                     self.tracker.log(done, **last)
                 signalled = self.guard.after_step(done, last, self.accel)  # NaN/divergence raises here, before any save
@@ -228,7 +227,7 @@ class SFTRecipe:
 
     # ---- save -------------------------------------------------------------------------------------
     def save(self, last: dict) -> dict:
-        from tuneforge.train.engine import generate_eval, save_final
+        from tuneforge.train.engine import generate_eval, generate_eval_before, save_final
         from tuneforge.train.tracking import plot_loss
 
         summary = {"final_loss": last.get("loss"), "steps": self.total_steps}
@@ -242,11 +241,8 @@ class SFTRecipe:
             self.tracker.close()
             if self.cfg.tracking.plot:
                 plot_loss(self.run.root)
-            if self.run.generate_eval("before").is_file():
-                import json
-
-                before = json.loads(self.run.generate_eval("before").read_text())
-                summary["generate_eval_before"] = {k: v for k, v in before.items() if k.startswith("gen_")}
+            if generate_eval_before(self.run):
+                summary["generate_eval_before"] = generate_eval_before(self.run)
             self.run.finish(final_dir=str(self.run.final), summary=summary)
         return summary
 
