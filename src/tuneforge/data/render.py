@@ -82,7 +82,7 @@ class Structure:
     appear: dict[int, list[int]] = field(default_factory=dict)  # message index -> its appearances, in text order
 
 
-def _marked(messages: Messages, tools: list | None, keep_empty: bool) -> tuple[list, list | None, list[tuple[int, str]]]:
+def _marked(messages: Messages, tools: list | None, keep_empty: bool) -> tuple[list, list | None, list[tuple[int, str, int]]]:
     """The conversation with every content / tool-call name / tool name replaced by a sentinel. Tools are
     marked first so a prefix of the conversation numbers its slots the same way."""
     slots: list[tuple[int, str, int]] = []
