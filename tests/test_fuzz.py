@@ -808,3 +808,18 @@ def test_every_command_with_a_bad_path(work, args, needle):
     write(work / "dup.yaml", "model: {path: a}\nmodel: {path: b}\n")
     fill = lambda s: s.replace("{w}", str(work))  # noqa: E731
     assert_one_error(cli(*map(fill, args)), fill(needle))
+
+
+def test_env_vars_are_not_expanded_outside_the_cli(monkeypatch):
+    """A config that reaches the schema any other way (the job API) cannot read the environment through a path."""
+    from pydantic import ValidationError
+
+    from tuneforge.config import Config
+
+    monkeypatch.setenv("TUNEFORGE_FUZZ_SECRET", "s3cret")
+    for key, raw in [("model.path", {"model": {"path": "${TUNEFORGE_FUZZ_SECRET}"}, "data": {"train": [{"path": "t.jsonl"}]}}),
+                     ("data.train.0.path", {"model": {"path": "org/m"}, "data": {"train": [{"path": "$HOME/.ssh/id_rsa"}]}}),
+                     ("output.dir", {"model": {"path": "org/m"}, "data": {"train": [{"path": "t.jsonl"}]}, "output": {"dir": "${TUNEFORGE_FUZZ_SECRET}"}})]:
+        with pytest.raises(ValidationError, match="expanded only in config files") as info:
+            Config.model_validate(raw)
+        assert "s3cret" not in str(info.value) and ".".join(map(str, info.value.errors()[0]["loc"])) == key

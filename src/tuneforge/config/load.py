@@ -21,6 +21,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     for key, value in parse_overrides(overrides or []):
         set_dotted(raw, key, value)
     load_dotenv_secrets(Path(path).parent)
+    expand_env_paths(raw, str(path))
     cfg = validate(raw, source=str(path))
     refuse_special_files(cfg)
     cfg._config_path = Path(path)
@@ -152,6 +153,45 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
                 node = node.setdefault(part, {})
         else:
             raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section (cannot set {where})")
+
+
+def _path_slots(raw: dict[str, Any]):
+    """(place, mapping, key) of every path in a raw config: where `${VAR}` and `~` are expanded."""
+    sections = {name: raw.get(name) if isinstance(raw.get(name), dict) else {} for name in ("model", "data", "output")}
+    yield "model.path", sections["model"], "path"
+    if str(sections["model"].get("chat_template", "")).endswith((".jinja", ".j2")):
+        yield "model.chat_template", sections["model"], "chat_template"
+    yield "data.cache_dir", sections["data"], "cache_dir"
+    yield "output.dir", sections["output"], "dir"
+    for split in ("train", "eval"):
+        specs = sections["data"].get(split)
+        for i, spec in enumerate(specs if isinstance(specs, list) else []):
+            if isinstance(spec, dict):
+                yield f"data.{split}.{i}.path", spec, "path"
+
+
+def expand_env_paths(raw: dict[str, Any], source: str) -> None:
+    """`${VAR}`, `$VAR` and a leading `~` in the config's paths, from this environment (and .env). An unset
+    variable is an error: never a folder literally named '${OUTPUT_DIR}'. Only configs the CLI reads from a
+    file get here; the schema refuses a variable left in a path (a job API request never expands one)."""
+    import os
+
+    from tuneforge.config.schema import ENV_REF
+
+    for place, node, key in _path_slots(raw):
+        value = node.get(key)
+        if not isinstance(value, str):
+            continue
+
+        def sub(m: re.Match, value: str = value, place: str = place) -> str:
+            name = m.group(1) if m.group(1) is not None else m.group(2)
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise UserError(f"{source}: {place}: {m.group(0)!r} in {value!r} is not an environment variable reference (write ${{NAME}})")
+            if name not in os.environ:
+                raise UserError(f"{source}: {place}: environment variable {name} in {value!r} is not set (export it, or write the path out)")
+            return os.environ[name]
+
+        node[key] = os.path.expanduser(ENV_REF.sub(sub, value))
 
 
 def load_dotenv_secrets(folder: Path) -> None:

@@ -24,25 +24,22 @@ MAX_COUNT = 10**9  # steps, samples
 MAX_SEED = 2**32 - 1  # numpy's seed range
 DEEPSPEED_PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")  # files in train/deepspeed/
 SQL_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".sql")
-_VAR = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+ENV_REF = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def expand_path(value):
-    """`${VAR}` / `$VAR` / `~` in a path are expanded; an unset variable is an error (never a folder named '${VAR}')."""
+def plain_path(value):
+    """A path as the schema takes it: not empty, no `${VAR}` left. The CLI expands variables when it reads a
+    config file (config.load); a config that arrives any other way (the job API) must not reach the
+    server's environment, or leave its workspace, through a path."""
     if not isinstance(value, str):
         return value
     if not value.strip():
         raise ValueError("is empty (give a path)")
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1) if m.group(1) is not None else m.group(2)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ValueError(f"'${{{name}}}' in {value!r} is not an environment variable reference (write ${{NAME}})")
-        if name not in os.environ:
-            raise ValueError(f"environment variable {name} in {value!r} is not set (export it, or write the path out)")
-        return os.environ[name]
-
-    return os.path.expanduser(_VAR.sub(sub, value))
+    ref = ENV_REF.search(value)
+    if ref:
+        raise ValueError(f"{ref.group(0)!r} in {value!r}: environment variables are expanded only in config files "
+                         "read by the tuneforge CLI (write the path out)")
+    return value
 
 
 def _is_local(path: str) -> bool:
@@ -70,7 +67,7 @@ class ModelConfig(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the 4-bit matmuls; auto = bf16 on a capable GPU, fp32 on CPU.")
     device_map: Optional[Literal["auto"]] = Field(None, description="auto = split one model too large for one GPU over this machine's GPUs (one process; LoRA/QLoRA).")
 
-    _path = field_validator("path", mode="before")(expand_path)
+    _path = field_validator("path", mode="before")(plain_path)
 
     @model_validator(mode="after")
     def _revision_needs_hub(self) -> "ModelConfig":
@@ -115,7 +112,7 @@ class DatasetSpec(Section):
             raise ValueError(f"text_unit: applies to .txt files, not {self.path!r} (remove text_unit)")
         return self
 
-    _path = field_validator("path", mode="before")(expand_path)
+    _path = field_validator("path", mode="before")(plain_path)
 
     @property
     def name(self) -> str:
@@ -182,7 +179,7 @@ class DataConfig(Section):
     def _packing_bool(cls, v):
         return {True: "padding_free", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
-    _cache_dir = field_validator("cache_dir", mode="before")(expand_path)
+    _cache_dir = field_validator("cache_dir", mode="before")(plain_path)
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> "DataConfig":
@@ -380,7 +377,7 @@ class OutputConfig(Section):
     dir: str = Field("runs/run", description="Run directory: config, metrics, checkpoints and the final adapter/model.")
     overwrite: bool = Field(False, description="Allow training into a directory that already holds a finished run.")
 
-    _dir = field_validator("dir", mode="before")(expand_path)
+    _dir = field_validator("dir", mode="before")(plain_path)
 
 
 class WandbConfig(Section):
