@@ -124,3 +124,19 @@ def test_corrupted_adapter_fails_with_one_line(tmp_path, llama_dir):
     weights.write_bytes(weights.read_bytes()[:100])
     assert_user_error(run_cli("export", adapter, "--out", tmp_path / "g"), "adapter_model.safetensors")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.skipif(not (FIXTURES / "tokenizers").is_dir(), reason="shared tokenizer fixtures absent")
+@pytest.mark.parametrize("name", ["llama-3.2-instruct", "qwen2.5-instruct", "mistral-7b-instruct-v0.2", "phi-3-mini-4k-instruct",
+                                  "tinyllama-1.1b-chat-v1.0"])
+def test_modelfile_template_renders_like_the_chat_template(name):
+    from transformers import AutoTokenizer
+
+    from tuneforge.export.gguf import go_template, render_go, template_pieces, template_reproduces
+
+    tok = AutoTokenizer.from_pretrained(FIXTURES / "tokenizers" / name)
+    pieces = template_pieces(tok)
+    assert template_reproduces(tok, pieces)
+    conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
+    assert render_go(pieces, conv) == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert "{{ .Content }}" in go_template(pieces)

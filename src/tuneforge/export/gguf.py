@@ -71,7 +71,7 @@ def export_loaded(model, tokenizer, desc: dict, run_dir: Path, out_dir: Path, ft
               **readback(gguf_file, tokenizer, samples, ref_logits, prompts, ref_answers)}
     report["tolerance_rel"] = TOLERANCE.get(ftype, TOLERANCE["q8_0"])
     report["passed"] = passed(report, ftype)
-    write_modelfile(tmp, gguf_file.name, tokenizer)
+    report["modelfile_template_matches"] = write_modelfile(tmp, gguf_file.name, tokenizer)
     write_json(tmp / "export_report.json", report)
     clear_output_dir(out_dir, "gguf")
     tmp.rename(out_dir)
@@ -139,22 +139,24 @@ def llama_quantize(f16_file: Path, ftype: str) -> Path:
 
 
 # ---- Ollama ------------------------------------------------------------------------------------------
-def write_modelfile(folder: Path, gguf_name: str, tokenizer) -> None:
+def write_modelfile(folder: Path, gguf_name: str, tokenizer) -> bool:
+    """Write the Modelfile; -> whether its template renders test conversations exactly like the chat template."""
     from tuneforge.data.templates import stop_token_ids
 
-    template = ollama_template(tokenizer)
+    pieces = template_pieces(tokenizer)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', *[f'PARAMETER stop "{s}"' for s in stops], "PARAMETER temperature 0"]
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(pieces)}"""', *[f'PARAMETER stop "{s}"' for s in stops], "PARAMETER temperature 0"]
     (folder / "Modelfile").write_text("\n".join(lines) + "\n")
+    return template_reproduces(tokenizer, pieces)
 
 
-def ollama_template(tokenizer) -> str:
-    """The Jinja chat template as an Ollama (Go) template, found by rendering marker messages.
+def template_pieces(tokenizer) -> dict:
+    """The Jinja chat template cut into the strings an Ollama (Go) template needs, found by rendering markers.
 
     Renders [user X], [user X, assistant Y, user Z] and [system S, user X]; the text around the markers
-    gives the head (BOS...), the user prefix, what follows a user turn (incl. the assistant header), and
+    gives the start (BOS...), the user prefix, what follows a user turn (incl. the assistant header), and
     what follows an assistant turn. A template that folds the system prompt into the user turn gets no
-    {{ .System }} block (the Modelfile then ignores SYSTEM).
+    system block (the Modelfile then ignores SYSTEM).
     """
     x, y, z, s = "\x01X\x01", "\x01Y\x01", "\x01Z\x01", "\x01S\x01"
 
@@ -164,22 +166,57 @@ def ollama_template(tokenizer) -> str:
     head, after_user = render([{"role": "user", "content": x}]).split(x)
     two = render([{"role": "user", "content": x}, {"role": "assistant", "content": y}, {"role": "user", "content": z}])
     between = two.split(y)[1].split(z)[0]
-    u_pre = common_suffix(head, between)
-    a_post, start = between[: len(between) - len(u_pre)], head[: len(head) - len(u_pre)]
-    system = ""
+    before_answer = two.split(x)[1].split(y)[0]  # user suffix + assistant header inside a history (may differ: " [/INST] ")
+    u_pre = common_suffix(head, between, tokenizer.all_special_tokens)
+    pieces = {"start": head[: len(head) - len(u_pre)], "user_prefix": u_pre, "after_user": after_user,
+              "assistant_prefix": before_answer[len(after_user):] if before_answer.startswith(after_user) else "",
+              "after_assistant": between[: len(between) - len(u_pre)], "system": ""}
     try:
         sys_head = render([{"role": "system", "content": s}, {"role": "user", "content": x}]).split(x)[0]
         if sys_head.endswith(u_pre) and s in sys_head[: len(sys_head) - len(u_pre)]:
-            system = sys_head[: len(sys_head) - len(u_pre)].replace(s, "{{ .System }}")
+            pieces["system"] = sys_head[: len(sys_head) - len(u_pre)].replace(s, "{{ .System }}")
     except Exception:  # noqa: BLE001 - templates may reject a system role; then there is no system block
         pass
-    opening = f"{{{{ if .System }}}}{system}{{{{ else }}}}{start}{{{{ end }}}}" if system else start
-    return (opening + '{{- range .Messages }}{{ if eq .Role "user" }}' + u_pre + "{{ .Content }}" + after_user
-            + '{{ else if eq .Role "assistant" }}{{ .Content }}' + a_post + "{{ end }}{{ end }}")
+    return pieces
 
 
-def common_suffix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+def go_template(p: dict) -> str:
+    opening = f"{{{{ if .System }}}}{p['system']}{{{{ else }}}}{p['start']}{{{{ end }}}}" if p["system"] else p["start"]
+    return (opening + '{{- range .Messages }}{{ if eq .Role "user" }}' + p["user_prefix"] + "{{ .Content }}" + p["after_user"]
+            + '{{ else if eq .Role "assistant" }}' + p["assistant_prefix"] + "{{ .Content }}" + p["after_assistant"] + "{{ end }}{{ end }}")
+
+
+def render_go(p: dict, messages: list[dict]) -> str:
+    """What Ollama's template produces for `messages` (our template has this one fixed shape)."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    out = p["system"].replace("{{ .System }}", system) if system and p["system"] else p["start"]
+    for m in messages:
+        if m["role"] == "user":
+            out += p["user_prefix"] + m["content"] + p["after_user"]
+        elif m["role"] == "assistant":
+            out += p["assistant_prefix"] + m["content"] + p["after_assistant"]
+    return out
+
+
+def template_reproduces(tokenizer, p: dict) -> bool:
+    convs = [[{"role": "user", "content": "hi there"}],
+             [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "b a"}, {"role": "user", "content": "c d"}]]
+    if p["system"]:
+        convs.append([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}])
+    return all(render_go(p, c) == tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs)
+
+
+def common_suffix(a: str, b: str, atoms: list[str]) -> str:
+    """Longest common suffix that never starts inside a special token ("<s>" vs "</s>" share "s>", not a token)."""
+    import re
+
+    pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(atoms, key=len, reverse=True)) + ")") if atoms else None
+
+    def pieces(text: str) -> list[str]:
+        parts = pattern.split(text) if pattern else [text]
+        return [p for part in parts for p in ([part] if part in atoms else list(part))]
+
+    pa, pb, n = pieces(a), pieces(b), 0
+    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
         n += 1
-    return a[len(a) - n :]
+    return "".join(pa[len(pa) - n :])
