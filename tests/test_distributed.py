@@ -37,10 +37,11 @@ def dist_runs(tmp_path_factory):
     data = tiny.write_jsonl(root / "train.jsonl", tiny.reverse_rows(64))
     cfg = {
         "model": {"path": str(model)},
-        "data": {"train": [{"path": str(data)}], "eval_split": 0.0, "cache_dir": str(root / "cache")},
+        # 5 eval rows: eval is sharded 3 + 2 over 2 processes (a dummy batch keeps ZeRO-3 ranks in step).
+        "data": {"train": [{"path": str(data)}], "eval_size": 5, "cache_dir": str(root / "cache")},
         # constant lr: a run that stops at step 2 and resumes to 3 follows the same schedule as one that runs 3.
         "train": {"finetune": "full", "max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3,
-                  "lr_scheduler": "constant", "seed": 3},
+                  "lr_scheduler": "constant", "seed": 3, "generate_eval": {"samples": 2, "max_new_tokens": 4}},
         "output": {"dir": str(root / "runs" / "one")},
         "tracking": {"tensorboard": False, "plot": False},
     }
@@ -73,7 +74,11 @@ def _max_diff(a: dict, b: dict) -> float:
 def _two_process_run(root: Path, config: Path, name: str, sets: list[str], *extra: str) -> Path:
     out = root / "runs" / name
     _train(config, [f"output.dir={out}", *sets], "--nproc", "2", *extra)
-    assert json.loads((out / "run_info.json").read_text())["processes"] == 2
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["processes"] == 2
+    if info["summary"]["steps"] == STEPS:  # sharded eval loss == one process's
+        ref = json.loads((root / "runs" / "one" / "run_info.json").read_text())["summary"]["eval_loss"]
+        assert abs(info["summary"]["eval_loss"] - ref) <= TOL
     return out
 
 
@@ -119,6 +124,11 @@ def test_zero3_resumes_and_writes_a_consolidated_model(dist_runs):
     assert "resumed from" in proc.stderr + proc.stdout
     info = json.loads((out / "run_info.json").read_text())
     assert info["status"] == "finished" and info["summary"]["steps"] == STEPS
+    one = root / "runs" / "one"
+    assert abs(info["summary"]["eval_loss"] - json.loads((one / "run_info.json").read_text())["summary"]["eval_loss"]) <= TOL
+    # Greedy generation ran on both ranks in step (ZeRO-3 gathers weights collectively) and answers the same.
+    answers = lambda run: [e["prediction"] for e in json.loads((run / "generate_eval_after.json").read_text())["examples"]]  # noqa: E731
+    assert answers(out) == answers(one)
 
     ref = _weights(root / "runs" / "one")
     assert _max_diff(ref, _weights(out)) <= TOL
