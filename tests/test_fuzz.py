@@ -823,3 +823,11 @@ def test_env_vars_are_not_expanded_outside_the_cli(monkeypatch):
         with pytest.raises(ValidationError, match="expanded only in config files") as info:
             Config.model_validate(raw)
         assert "s3cret" not in str(info.value) and ".".join(map(str, info.value.errors()[0]["loc"])) == key
+
+
+def test_inspect_says_when_a_split_is_empty(work):
+    cfg = config_file(work, data={"eval_split": 0})
+    assert_one_error(cli("data", "inspect", cfg, "--split", "eval"), "--split eval", "no eval samples")
+    assert_one_error(cli("data", "inspect", cfg, "--split", "test"), "--split 'test'")
+    proc = cli("data", "inspect", cfg, "--json", "--limit", "1")
+    assert proc.returncode == 0 and len(json.loads(proc.stdout)) == 1, proc.stderr
