@@ -83,3 +83,20 @@ def test_device_map_is_one_process_only(llama_dir, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         with pytest.raises(UserError, match="ONE process"):
             load_model(str(llama_dir), model_cfg)
+
+
+def test_compiled_model_saves_a_loadable_adapter(llama_dir, tokenizer, tmp_path):
+    """train.compile: the final save strips torch.compile's `_orig_mod.` names (else peft saves an empty adapter)."""
+    from accelerate import Accelerator
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    from tuneforge.train.engine import save_final
+
+    accel = Accelerator(cpu=True, dynamo_backend="inductor")
+    model = accel.prepare(get_peft_model(load(llama_dir), LoraConfig(r=4, target_modules=["q_proj"])))
+    assert type(model).__name__ == "OptimizedModule"  # compiled lazily: no forward is run here
+    save_final(accel, model, tokenizer, tmp_path / "final")
+    adapter = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert len(adapter) == 4 and all(k.startswith("base_model.model.") for k in adapter)
+    PeftModel.from_pretrained(load(llama_dir), tmp_path / "final")

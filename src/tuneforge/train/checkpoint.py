@@ -25,6 +25,11 @@ from tuneforge.train.faults import fault_point
 MODEL_FILE = "model.safetensors"
 
 
+def plain(name: str) -> str:
+    """A parameter name without torch.compile's wrapper prefix, so train.compile on/off share checkpoints."""
+    return name.replace("_orig_mod.", "")
+
+
 def install_trainable_only_hooks(accel) -> None:
     """Save and load only the parameters that train (a LoRA checkpoint is MBs, not the whole base model).
 
@@ -34,8 +39,10 @@ def install_trainable_only_hooks(accel) -> None:
     def save_hook(models, weights, output_dir):
         for model, state in zip(models, weights):
             keep = {n for n, p in model.named_parameters() if p.requires_grad}
-            for key in [k for k in state if k not in keep]:
-                del state[key]
+            for key in list(state):
+                value = state.pop(key)
+                if key in keep:
+                    state[plain(key)] = value
 
     def load_hook(models, input_dir):
         from safetensors.torch import load_file
@@ -46,7 +53,7 @@ def install_trainable_only_hooks(accel) -> None:
         import torch
 
         for model in list(models):
-            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            params = {plain(n): p for n, p in model.named_parameters() if p.requires_grad}
             saved = load_file(path)
             if saved.keys() != params.keys():
                 missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())

@@ -48,9 +48,12 @@ def save_final(accel, model, tokenizer, final: Path) -> None:
     state = accel.get_state_dict(model)
     accel.wait_for_everyone()
     if accel.is_main_process:
+        # train.compile: accelerate keeps the torch.compile wrapper, whose names start with `_orig_mod.`;
+        # peft/transformers would match none of them (an empty adapter). Save the plain module's names.
+        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accel.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        accel.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # with its chat template: inference renders like training
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
