@@ -324,7 +324,7 @@ class DPORecipe(SFTRecipe):
         if after and self.accel.is_main_process:
             self.tracker.log(self.total_steps, **after)
         summary = super().save(last)
-        summary.update({k: v for k, v in last.items() if k.startswith(("reward", "logps"))})
+        summary.update({k: v for k, v in last.items() if k.startswith(("reward", "logps", "kl"))})
         summary.update(after)
         summary.update({f"{k}_before": v for k, v in getattr(self, "eval_before", {}).items()})
         if self.accel.is_main_process:
