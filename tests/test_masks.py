@@ -437,6 +437,14 @@ def test_prepare_names_file_and_row_and_counts_skips(tmp_path, llama_dir):
     assert _prepare(tmp_path / "m", mistral, rows).report["changed_by_template"] == {"system message dropped by the chat template": 3}
 
 
+def test_a_rejected_preference_pair_names_file_and_row(tmp_path, llama_dir):
+    from tuneforge.errors import UserError
+
+    pair = {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    with pytest.raises(UserError, match=r"rows\.jsonl\W+(row )?1: the chat template rejected this conversation"):
+        _prepare(tmp_path, constructed(llama_dir, "gemma2"), [pair])
+
+
 def test_empty_replies_train_their_end_token_or_follow_on_bad_row(tmp_path, tokenizer):
     rows = [{"messages": conv("q", "", "again", "fine")}, {"messages": conv("p", "ok")}]
     data = _prepare(tmp_path, tokenizer, rows)

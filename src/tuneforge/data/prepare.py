@@ -345,9 +345,9 @@ def _encode_preference(items: list, eval_items: list, tokenizer, data_cfg: DataC
     out = []
     for part in (items, eval_items):
         kept = []
-        for enc in encode_items(part, tokenizer, data_cfg.max_length, data_cfg.pair_truncation, counts):
+        for it, enc in zip(part, encode_items(part, tokenizer, data_cfg.max_length, data_cfg.pair_truncation, counts)):
             if isinstance(enc, BadRow):
-                _bad_row(f"preference pair: {enc}", str(enc), data_cfg, report)
+                _bad_row(f"{report.get('_where', {}).get(id(it), 'preference pair')}: {enc}", str(enc), data_cfg, report)
             else:
                 kept.append(enc)
         out.append(kept)
