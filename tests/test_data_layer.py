@@ -18,7 +18,8 @@ from tuneforge.errors import UserError
 
 
 def prep(tmp_path, tokenizer, specs, **kw):
-    kw.setdefault("eval_split", 0.0)
+    if "eval_size" not in kw:  # eval_size and eval_split together are a config error
+        kw.setdefault("eval_split", 0.0)
     cfg = DataConfig.model_validate({"train": specs, "cache_dir": str(tmp_path / "cache"), **kw})
     return prepare(cfg, tokenizer)
 
