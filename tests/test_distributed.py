@@ -268,6 +268,7 @@ def test_engine_errors_are_one_line_before_any_process(tmp_path, llama_dir):
     assert_user_error(run_cli("train", cfg, "--set", f"train.deepspeed={tmp_path / 'missing.json'}"), "neither a preset")
     assert_user_error(run_cli("train", cfg, "--set", "train.deepspeed=zero9"), "not a preset")
     assert_user_error(run_cli("train", cfg, "--set", "train.deepspeed=zero2", "--set", "train.fsdp=true"), "pick one engine")
+    assert_user_error(run_cli("train", cfg, "--set", "model.quantize=4bit", "--set", "train.deepspeed=zero3"), "is not supported")
     assert not (tmp_path / "run").exists()
 
 

@@ -443,6 +443,10 @@ class Config(Section):
             raise ValueError("train.generate_eval.samples needs eval data: set data.eval, data.eval_split or data.eval_size")
         if self.train.eval_every and not has_eval:
             raise ValueError("train.eval_every needs eval data: set data.eval, data.eval_split or data.eval_size")
+        if self.model.quantize and (self.train.deepspeed or self.train.fsdp):
+            # bitsandbytes weights are not sharded by ZeRO-3/FSDP here (untested); DDP (--nproc N) works per GPU.
+            raise ValueError(f"model.quantize ({self.model.quantize}) with train.{'deepspeed' if self.train.deepspeed else 'fsdp'} "
+                             "is not supported: use DDP (--nproc N) or one process, or drop model.quantize")
         if self.train.finetune == "full" and "lora" in self.model_fields_set and self.lora.model_fields_set:
             raise ValueError(f"lora.{sorted(self.lora.model_fields_set)[0]}: LoRA settings do nothing with train.finetune: full "
                              "(remove the lora section, or set train.finetune: lora)")
