@@ -15,10 +15,10 @@ def inspect_samples(cfg, split: str, limit: int, as_json: bool) -> None:
     tok = load_tokenizer(resolve_model_dir(cfg.model, need_weights=False), cfg.model)
     data = prepare(cfg.data, tok)
     samples = (data.train if split == "train" else data.eval)[:limit]
-    if not samples:  # say so: an empty listing looks like a bug
+    pairs = (data.pairs if split == "train" else data.eval_pairs)[:limit]
+    if not samples and not pairs:  # say so: an empty listing looks like a bug
         raise UserError(f"--split {split}: the prepared data holds no {split} samples (hold some out with data.eval_split, "
                         "data.eval_size or data.eval)")
-    pairs = (data.pairs if split == "train" else data.eval_pairs)[:limit]
     if pairs and not samples:  # preference data: prompt, chosen and rejected spans
         from tuneforge.data.preference import inspect
 
