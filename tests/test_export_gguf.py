@@ -140,3 +140,16 @@ def test_modelfile_template_renders_like_the_chat_template(name):
     conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
     assert render_go(pieces, conv) == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     assert "{{ .Content }}" in go_template(pieces)
+
+
+DEMO_RUN = Path(__file__).resolve().parents[1] / "runs" / "demo"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO_RUN / "run_info.json").is_file(), reason="no finished `make demo` run in runs/demo")
+def test_demo_run_exports_and_answers_its_held_out_prompts_identically(tmp_path):
+    from tuneforge.export.gguf import export_gguf
+
+    r = export_gguf(str(DEMO_RUN), str(tmp_path / "g"), "f16", log=lambda *_: None)
+    assert r["passed"] and r["readback"] == "ok" and r["prompt_ids_equal"] and r["answer_agreement"] == 1.0
+    assert all(a["trained"].startswith("{") for a in r["answers"])  # the demo's JSON records, not empty replies
