@@ -62,7 +62,7 @@ def main() -> None:
 
     with ThreadPoolExecutor(16) as pool:
         submitted = list(pool.map(submit, range(args.jobs)))
-    latencies = sorted(s[3] for s in submitted)
+    latencies = sorted(s[3] for s in submitted) or [0.0]
     accepted = {s[2]: s[0] for s in submitted if s[1] == 201}
 
     def jobs() -> dict:
@@ -94,7 +94,7 @@ def main() -> None:
     def all_ended():
         sample()
         js = jobs()
-        return js if all(j["status"] in ("finished", "failed", "cancelled") for j in js.values()) else None
+        return (js or {"": None}) if all(j["status"] in ("finished", "failed", "cancelled") for j in js.values()) else None
 
     try:
         final = wait_for(all_ended, timeout=max(60.0, args.deadline_s - (time.time() - t0)), every=1.0)
@@ -102,8 +102,9 @@ def main() -> None:
     except AssertionError:
         final, deadline_hit = jobs(), True
     wall = time.time() - t0
+    final.pop("", None)
 
-    bad = malformed_requests(args.malformed)
+    bad = malformed_requests(args.malformed, user=users[0])
 
     def send(item):
         label, raw = item

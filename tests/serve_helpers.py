@@ -52,27 +52,27 @@ def wait_for(predicate, timeout: float = 240.0, every: float = 0.3):
     raise AssertionError(f"timed out after {timeout}s")
 
 
-def malformed_requests(n: int = 200) -> list[tuple[str, bytes]]:
+def malformed_requests(n: int = 200, user: str = "user") -> list[tuple[str, bytes]]:
     """`n` bad submissions (label, raw body): broken JSON, wrong types, unknown keys, traversal, oversized."""
     import random
 
     rng = random.Random(0)
-    good = json.dumps(seed_request("m")).encode()
+    good = json.dumps(seed_request("m", user=user)).encode()
     makers = [
         ("truncated json", lambda i: good[: rng.randrange(1, len(good) - 1)]),
         ("not json", lambda i: rng.choice([b"", b"nul", b"{'a': 1}", b"\xff\xfe\x00", b"<xml/>", b"{" * 3000])),
         ("wrong top-level type", lambda i: json.dumps(rng.choice([[], 3, "x", None, True])).encode()),
-        ("wrong type in args", lambda i: json.dumps(seed_request(f"t{i}", **{rng.choice(
+        ("wrong type in args", lambda i: json.dumps(seed_request(f"t{i}", user=user, **{rng.choice(
             ["lora_r", "learning_rate", "micro_batch_size", "num_epochs", "sequence_len", "lora_dropout"]):
             rng.choice(["abc", [1], {"x": 1}, -5])})).encode()),
         ("args not a mapping", lambda i: json.dumps({"input": {"args": rng.choice([[], "x", 5])}}).encode()),
-        ("unknown key in input", lambda i: json.dumps({"input": {**seed_request()["input"], f"bogus{i}": 1}}).encode()),
+        ("unknown key in input", lambda i: json.dumps({"input": {**seed_request(user=user)["input"], f"bogus{i}": 1}}).encode()),
         ("unknown key in config", lambda i: json.dumps({"config": {"model": {"path": "tiny"}, "data": {
             "train": [{"path": "alpaca.jsonl"}]}, "train": {f"lrr{i}": 1}}}).encode()),
         ("unknown credential", lambda i: json.dumps({"input": {"args": {}, "credentials": {"aws_key": "x"}}}).encode()),
-        ("path traversal", lambda i: json.dumps(seed_request(rng.choice(["../x", "a/b", "..", ".hidden/../x"]))).encode()),
-        ("absolute path", lambda i: json.dumps(seed_request(f"abs{i}", base_model=rng.choice(["/etc", "~/x", "/"]))).encode()),
-        ("traversal in output_dir", lambda i: json.dumps(seed_request(f"od{i}", output_dir="../../../tmp")).encode()),
+        ("path traversal", lambda i: json.dumps(seed_request(rng.choice(["../x", "a/b", "..", ".hidden/../x"]), user=user)).encode()),
+        ("absolute path", lambda i: json.dumps(seed_request(f"abs{i}", user=user, base_model=rng.choice(["/etc", "~/x", "/"]))).encode()),
+        ("traversal in output_dir", lambda i: json.dumps(seed_request(f"od{i}", user=user, output_dir="../../../tmp")).encode()),
         ("oversized body", lambda i: b'{"config": "' + b"x" * (2 << 20) + b'"}'),
     ]
     return [(label, make(i)) for i in range(n) for label, make in [makers[i % len(makers)]]]
