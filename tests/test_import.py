@@ -157,9 +157,10 @@ def test_cli_import_writes_a_config_the_loader_accepts(tmp_path, llama_dir):
 
 def test_methods_and_engines_map_to_the_schema_keys():
     lf = translate({"model_name_or_path": "m", "dataset": "a.json", "finetuning_type": "freeze", "stage": "dpo",
-                    "pref_beta": 0.2, "neftune_noise_alpha": 5, "quantization_bit": 4, "deepspeed": "ds_z3.json"}, "llamafactory")
+                    "pref_beta": 0.2, "neftune_noise_alpha": 5, "deepspeed": "ds_z3.json"}, "llamafactory")
     # QLoRA is LoRA-only in tuneforge: with freeze the quantization is reported, not silently applied
-    assert rows_by_key(lf)["quantization_bit"].status == NOT_MAPPED and "LoRA" in rows_by_key(lf)["quantization_bit"].note
+    q = translate({"model_name_or_path": "m", "dataset": "a.json", "finetuning_type": "freeze", "quantization_bit": 4}, "llamafactory")
+    assert rows_by_key(q)["quantization_bit"].status == NOT_MAPPED and "LoRA" in rows_by_key(q)["quantization_bit"].note
     cfg = Config.model_validate(lf.config)
     assert cfg.train.finetune == "freeze" and cfg.train.freeze.layers == 2 and cfg.train.method == "dpo"
     assert cfg.preference.beta == 0.2 and cfg.train.neftune_alpha == 5 and cfg.model.quantize is None
