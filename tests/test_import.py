@@ -165,11 +165,16 @@ def test_methods_and_engines_map_to_the_schema_keys():
     assert cfg.train.finetune == "freeze" and cfg.train.freeze.layers == 2 and cfg.train.method == "dpo"
     assert cfg.preference.beta == 0.2 and cfg.train.neftune_alpha == 5 and cfg.model.quantize is None
     assert cfg.train.deepspeed == "ds_z3.json"
-    ax = translate({**REQUEST["input"]["args"], "adapter": "qlora", "fsdp": ["full_shard"], "flash_attention": False,
+    ax = translate({**REQUEST["input"]["args"], "fsdp": ["full_shard"], "flash_attention": False,
                     "torch_compile": True, "tf32": True}, "axolotl")
     cfg = Config.model_validate(ax.config)
-    assert cfg.model.quantize == "4bit" and cfg.train.fsdp and cfg.train.compile and cfg.train.tf32
+    assert cfg.train.fsdp and cfg.train.compile and cfg.train.tf32
+    ql = translate({**REQUEST["input"]["args"], "adapter": "qlora", "fsdp": ["full_shard"]}, "axolotl")
+    assert Config.model_validate(ql.config).model.quantize == "4bit"
+    assert rows_by_key(ql)["fsdp"].status == NOT_MAPPED and "not accepted" in rows_by_key(ql)["fsdp"].note  # 4-bit is not sharded
     assert cfg.train.optimizer == "adamw_8bit"
-    xl = translate({**XLLM, "deepspeed_stage": 3, "load_in_4bit": True, "apply_lora": True}, "xllm")
+    xl = translate({**XLLM, "deepspeed_stage": 3, "apply_lora": True}, "xllm")
+    assert Config.model_validate(xl.config).train.deepspeed == "zero3"
+    xl = translate({**XLLM, "load_in_4bit": True, "apply_lora": True}, "xllm")
     cfg = Config.model_validate(xl.config)
-    assert cfg.train.deepspeed == "zero3" and cfg.model.quantize == "4bit" and cfg.model.quant_type == "nf4"
+    assert cfg.model.quantize == "4bit" and cfg.model.quant_type == "nf4" and cfg.model.double_quant
