@@ -103,3 +103,23 @@ def test_packing_errors_are_one_line(tmp_path):
     assert_user_error(run_cli("config", "validate", cfg, "--set", "data.packing=bins", "--set", "data.pack_length=100"),
                       "data.pack_length (100) must hold the longest sample (max_length = 1024)")
     assert_user_error(run_cli("config", "validate", cfg, "--set", "data.packing=bin"), "data.packing", "'bins'")
+
+
+@pytest.mark.parametrize("extra", [
+    {"train": {"finetune": "full"}},
+    {"train": {"finetune": "freeze", "freeze": {"layers": 1}}},
+    {"train": {"lr_scheduler": "cosine_with_min_lr", "min_lr_ratio": 0.2, "warmup_steps": 2}},
+    {"train": {"micro_batch_tokens": 2048, "optimizer": "lion"}},
+    {"data": {"eval_size": 3}},
+    {"data": {"train": [{"path": "a.jsonl", "samples": 5}]}},
+])
+def test_a_saved_run_config_validates_again(extra):
+    """config.yaml in a run dir spells out every default; resume, eval and the job server reload it."""
+    from tuneforge.config.schema import Config
+
+    raw = {"model": {"path": "m"}, "data": {"train": [{"path": "a.jsonl"}]}}
+    for section, values in extra.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    cfg = Config.model_validate(raw)
+    again = Config.model_validate(cfg.model_dump(mode="json"))
+    assert again.model_dump() == cfg.model_dump()

@@ -17,6 +17,12 @@ class Section(BaseModel):
     # allow_inf_nan=False: inf/nan in any float (lr, alpha, betas, weights) is an error, not a NaN run.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    def chosen(self) -> set[str]:
+        """Fields given a value other than their default. Conflict checks use this, not `model_fields_set`:
+        a saved run config (config.yaml) spells out every default, and must validate again as it was."""
+        fields = type(self).model_fields
+        return {n for n in self.model_fields_set if getattr(self, n) != fields[n].get_default(call_default_factory=True)}
+
 
 # Upper bounds: far above any real use, low enough that a typo (1e30, an extra zero run) fails here, not in torch.
 MAX_TOKENS = 1 << 20  # tokens per sample / block / bin
@@ -106,7 +112,7 @@ class DatasetSpec(Section):
         suffix = Path(self.path[:-3] if self.path and self.path.endswith(".gz") else self.path or "").suffix.lower()
         if self.query is not None and suffix not in SQL_SUFFIXES:
             raise ValueError(f"query: applies to SQL sources ({', '.join(SQL_SUFFIXES)}), not {self.path or self.custom!r} (remove query)")
-        if self.samples is not None and "weight" in self.model_fields_set:
+        if self.samples is not None and "weight" in self.chosen():
             raise ValueError("samples and weight both set: samples takes an exact row count, weight scales it (keep one)")
         if self.text_unit != "file" and suffix != ".txt" and self.path and not Path(self.path).is_dir():
             raise ValueError(f"text_unit: applies to .txt files, not {self.path!r} (remove text_unit)")
@@ -183,7 +189,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> "DataConfig":
-        explicit_split = "eval_split" in self.model_fields_set and self.eval_split > 0  # 0 = "no fraction": compatible
+        explicit_split = "eval_split" in self.chosen() and self.eval_split > 0  # 0 = "no fraction": compatible
         if self.eval and (explicit_split or self.eval_size):
             raise ValueError(f"data.eval files and data.{'eval_split' if explicit_split else 'eval_size'} both set: "
                              "the eval files are the eval set (remove one)")
@@ -312,7 +318,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
-        if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set and self.warmup_ratio > 0:
+        if self.warmup_steps is not None and "warmup_ratio" in self.chosen() and self.warmup_ratio > 0:
             raise ValueError("warmup_steps and warmup_ratio both set (keep one)")
         if self.warmup_steps and self.max_steps and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) >= max_steps ({self.max_steps}): the run would end "
@@ -332,11 +338,11 @@ class TrainConfig(Section):
         warm = bool(self.warmup_steps) or self.warmup_ratio > 0
         if self.lr_scheduler == "constant" and warm:
             raise ValueError("lr_scheduler: constant has no warmup; use constant_with_warmup (or remove the warmup)")
-        if "min_lr_ratio" in self.model_fields_set and self.lr_scheduler != "cosine_with_min_lr":
+        if "min_lr_ratio" in self.chosen() and self.lr_scheduler != "cosine_with_min_lr":
             raise ValueError(f"min_lr_ratio applies to lr_scheduler: cosine_with_min_lr, not {self.lr_scheduler}")
         if self.finetune == "freeze" and not (self.freeze.layers or self.freeze.modules):
             raise ValueError("finetune: freeze needs train.freeze.layers (top N layers) and/or train.freeze.modules (name regexes)")
-        if self.finetune != "freeze" and self.freeze.model_fields_set:
+        if self.finetune != "freeze" and self.freeze.chosen():
             raise ValueError(f"train.freeze applies to finetune: freeze, not {self.finetune} (remove it or set finetune: freeze)")
         return self
 
@@ -447,8 +453,8 @@ class Config(Section):
             # bitsandbytes weights are not sharded by ZeRO-3/FSDP here (untested); DDP (--nproc N) works per GPU.
             raise ValueError(f"model.quantize ({self.model.quantize}) with train.{'deepspeed' if self.train.deepspeed else 'fsdp'} "
                              "is not supported: use DDP (--nproc N) or one process, or drop model.quantize")
-        if self.train.finetune == "full" and "lora" in self.model_fields_set and self.lora.model_fields_set:
-            raise ValueError(f"lora.{sorted(self.lora.model_fields_set)[0]}: LoRA settings do nothing with train.finetune: full "
+        if self.train.finetune == "full" and self.lora.chosen():
+            raise ValueError(f"lora.{sorted(self.lora.chosen())[0]}: LoRA settings do nothing with train.finetune: full "
                              "(remove the lora section, or set train.finetune: lora)")
         if self.model.device_map and (self.train.deepspeed or self.train.fsdp):
             raise ValueError("model.device_map: auto splits the model inside one process; it cannot be combined with train.deepspeed / train.fsdp")

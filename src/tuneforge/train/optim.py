@@ -50,7 +50,7 @@ def _bnb_optimizer(name: str, groups: list[dict], t):
         raise UserError(f"train.optimizer: {name} needs bitsandbytes: pip install 'tuneforge[quant]'") from None
     cls = {"adamw_8bit": bnb.AdamW8bit, "paged_adamw_8bit": bnb.PagedAdamW8bit, "lion": bnb.Lion, "lion_8bit": bnb.Lion8bit}[name]
     # Lion's usual betas are (0.9, 0.99); the config's AdamW betas apply to the AdamW variants only.
-    betas = t.betas if name.endswith("adamw_8bit") or "betas" in t.model_fields_set else (0.9, 0.99)
+    betas = t.betas if name.endswith("adamw_8bit") or "betas" in t.chosen() else (0.9, 0.99)
     return cls(groups, lr=t.lr, betas=betas)
 
 
