@@ -30,14 +30,18 @@ def pair_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def config(tmp_path, model, train_file, name, method="dpo", data=None, pref=None, **train) -> Config:
-    return Config.model_validate({
+    return Config.model_validate(config_dict(tmp_path, model, train_file, name, method, data, pref, **train))
+
+
+def config_dict(tmp_path, model, train_file, name, method="dpo", data=None, pref=None, **train) -> dict:
+    return {
         "model": {"path": str(model)},
         "data": {"train": [{"path": str(train_file)}], "eval_split": 0.0, "cache_dir": str(tmp_path / "cache"), **(data or {})},
         "train": {"method": method, "finetune": "full", "lr": 1e-3, "seed": 3, "lr_scheduler": "constant", **train},
         "preference": pref or {},
         "output": {"dir": str(tmp_path / name)},
         "tracking": {"tensorboard": False, "plot": False},
-    })
+    }
 
 
 def first_step(cfg: Config, steps: int = 1) -> tuple[dict, dict]:
@@ -117,7 +121,8 @@ def test_dpo_two_processes_equal_one_process(tmp_path):
 
     model = tiny.build_model(tmp_path / "llama", "llama")
     train_file = tiny.write_jsonl(tmp_path / "p.jsonl", pair_rows(32, seed=4))
-    cfg = config(tmp_path, model, train_file, "runs/one", max_steps=3, micro_batch_size=2, grad_accum=2).model_dump(mode="json")
+    # 8 held-out pairs: the core's helper also checks the sharded eval loss equals one process's.
+    cfg = config_dict(tmp_path, model, train_file, "runs/one", data={"eval_size": 8}, max_steps=3, micro_batch_size=2, grad_accum=2)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     _train(path, [])
