@@ -41,6 +41,8 @@ def test_runpod_handler_rejects_bad_requests_with_error(tmp_path, monkeypatch):
     assert "input.args" in handler({"id": "x", "input": {"run_id": "r"}})["error"]
     assert "output.dir" in handler({"id": "x", **seed_request("r2", output_dir="/etc")})["error"]
     assert "error" in handler({"id": "x", "input": None})
+    assert "user_id" in handler({"id": "x", **seed_request("r3", user="../../etc")})["error"]
+    assert not (tmp_path.parent / "etc").exists()
 
 
 def test_accelerator_follows_the_plan():

@@ -13,6 +13,7 @@ Start a worker with: python -m tuneforge.serve.runpod   (needs `pip install 'tun
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 
 from tuneforge.serve.paths import confine
-from tuneforge.serve.schema import RequestError, parse_request, validate_config
+from tuneforge.serve.schema import NAME, RequestError, parse_request, validate_config
 from tuneforge.serve.worker import BLOCKED_ENV, _die_with_parent, has_checkpoint, last_error_line, read_run_info
 
 
@@ -46,6 +47,8 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     root = data_dir().resolve()
     inp = job.get("input") if isinstance(job, dict) else None
     user = str((inp or {}).get("user_id") or "runpod") if isinstance(inp, dict) else "runpod"
+    if not re.match(NAME, user):  # it names the workspace folder: no '/', no '..'
+        return {"error": f"input.user_id: {user[:80]!r}: use 1-64 letters, digits, '.', '_' or '-'"}
     try:
         spec = parse_request({"input": inp}, user)
         run_id = spec.run_id or str(job.get("id") or uuid.uuid4().hex[:12])
