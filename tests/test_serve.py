@@ -1,7 +1,6 @@
 """The job API in-process (FastAPI TestClient + the real worker running `tuneforge train` children)."""
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 

@@ -59,7 +59,7 @@ def confine(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path) -> tupl
         raise _bad("run_id", f"{run_id!r}: use 1-64 letters, digits, '.', '_' or '-' (no '/' or '..')")
     workspace = data_dir / "users" / user
     workspace.mkdir(parents=True, exist_ok=True)
-    model, data, train = cfg.get("model") or {}, cfg.get("data") or {}, cfg.get("train") or {}
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
     if (model.get("trust_remote_code") if isinstance(model, dict) else False):
         raise _bad("model.trust_remote_code", "this server does not run code shipped with a model")
     if isinstance(data, dict) and data.get("allow_code"):

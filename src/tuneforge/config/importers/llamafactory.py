@@ -105,7 +105,7 @@ def _flash_attn(v):
 
 
 def _bool_precision(name: str):
-    return flag("train.mixed_precision", name, f"false: tuneforge picks the precision (mixed_precision auto)")
+    return flag("train.mixed_precision", name, "false: tuneforge picks the precision (mixed_precision auto)")
 
 
 def _val_size(v):

@@ -31,7 +31,7 @@ def _deepspeed_stage(v):
 
 
 def _dtype(name: str):
-    return flag("model.dtype", name, f"false: tuneforge picks the dtype (model.dtype auto)")
+    return flag("model.dtype", name, "false: tuneforge picks the dtype (model.dtype auto)")
 
 
 def _wandb_on(v):
