@@ -68,8 +68,20 @@ def test_quantize_needs_lora_and_flash_attention_needs_its_package(llama_dir):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="flash_attention_2 needs a CUDA GPU"):
             attn_implementation("flash_attention_2")
-        assert attn_implementation("auto") == "sdpa"
+        assert attn_implementation("auto") is None  # transformers picks: sdpa where supported, else eager
     assert attn_implementation("eager") == "eager"
+
+
+def test_auto_attention_loads_an_architecture_without_sdpa(tmp_path):
+    """Gemma-2 has no sdpa path in transformers: attention auto must still load it (as eager)."""
+    import tiny
+    from tuneforge.model.load import load_model
+
+    folder = tiny.build_model(tmp_path / "g2", "gemma2")
+    model = load_model(str(folder))
+    assert model.config._attn_implementation == "eager"
+    llama = load_model(str(tiny.build_model(tmp_path / "l", "llama")))
+    assert llama.config._attn_implementation == "sdpa"
 
 
 def test_device_map_is_one_process_only(llama_dir, monkeypatch):

@@ -138,9 +138,11 @@ def load_model(source: str, cfg: ModelConfig | None = None, dtype: str = "auto")
 
     kwargs = {
         "dtype": pick_dtype(cfg.dtype if cfg else dtype),
-        "attn_implementation": attn_implementation(cfg.attn_implementation if cfg else "auto"),
         "trust_remote_code": bool(cfg and cfg.trust_remote_code),
     }
+    attn = attn_implementation(cfg.attn_implementation if cfg else "auto")
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
     if cfg and cfg.revision:
         kwargs["revision"] = cfg.revision
     if cfg and cfg.quantize:
@@ -160,8 +162,9 @@ def load_model(source: str, cfg: ModelConfig | None = None, dtype: str = "auto")
         raise weights_error(source, exc) from None
 
 
-def attn_implementation(name: str) -> str:
-    """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
+def attn_implementation(name: str) -> str | None:
+    """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else transformers' own
+    default for the architecture (None): sdpa where the model supports it, eager where it does not (Gemma-2)."""
     import importlib.util
 
     has_flash = importlib.util.find_spec("flash_attn") is not None and torch_cuda() is not None
@@ -169,7 +172,7 @@ def attn_implementation(name: str) -> str:
         raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
                         "(pip install flash-attn), or use sdpa")
     if name == "auto":
-        return "flash_attention_2" if has_flash else "sdpa"
+        return "flash_attention_2" if has_flash else None
     return name
 
 
