@@ -24,14 +24,14 @@ def test_sigkill_mid_load_loses_nothing_and_resumes(tmp_path, llama_dir):
         def submit(i):
             u = users[i % len(users)]
             req = seed_request(f"job{i}", user=u, max_steps=3, save_steps=1, val_set_size=0, loss_watchdog_threshold=100)
-            if i == 3:  # the last in the queue carries a credential that a restart loses
+            if i == 2:  # the last in the queue carries a credential that a restart loses
                 req["input"]["credentials"]["hf_token"] = "hf-PLANTED-crash"
             r = httpx.post(server.url + "/v1/jobs", json=req, headers={"Authorization": f"Bearer {tokens[u]}"}, timeout=60)
             assert r.status_code == 201, r.text
             return u, r.json()["id"]
 
-        with ThreadPoolExecutor(4) as pool:
-            submitted = list(pool.map(submit, range(4)))
+        with ThreadPoolExecutor(3) as pool:
+            submitted = list(pool.map(submit, range(3)))
 
         def jobs():
             out = {}
@@ -50,11 +50,11 @@ def test_sigkill_mid_load_loses_nothing_and_resumes(tmp_path, llama_dir):
         wait_for(mid_job, timeout=300, every=0.2)
         server.kill9()
         server.start()
-        # the credentials of job 3 lived only in the killed server's memory: unless it had finished, it asks again
-        js = wait_for(lambda: (lambda s: s if s[submitted[3][1]]["status"] in ("needs_credentials", "finished") else None)(jobs()),
+        # the credentials of job 2 lived only in the killed server's memory: unless it had finished, it asks again
+        js = wait_for(lambda: (lambda s: s if s[submitted[2][1]]["status"] in ("needs_credentials", "finished") else None)(jobs()),
                       timeout=300)
-        if js[submitted[3][1]]["status"] == "needs_credentials":
-            u, jid = submitted[3]
+        if js[submitted[2][1]]["status"] == "needs_credentials":
+            u, jid = submitted[2]
             r = httpx.post(f"{server.url}/v1/jobs/{jid}/credentials", json={"credentials": {"hf_token": "hf-PLANTED-crash"}},
                            headers={"Authorization": f"Bearer {tokens[u]}"}, timeout=30)
             assert r.status_code == 200 and r.json()["status"] == "queued", r.text
