@@ -172,9 +172,6 @@ class DataConfig(Section):
     pair_truncation: Literal["completion_first", "prompt_first"] = Field(
         "completion_first", description="Preference pairs / KTO rows longer than max_length: completion_first keeps the prompt "
         "and cuts the completions' ends; prompt_first first drops the prompt's oldest tokens (down to max_length/2).")
-    pair_truncation: Literal["completion_first", "prompt_first"] = Field(
-        "completion_first", description="Preference pairs / KTO rows longer than max_length: completion_first keeps the prompt "
-        "and cuts the completions' ends; prompt_first first drops the prompt's oldest tokens (down to max_length/2).")
     cache_dir: str = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for the train/eval split.")
     allow_code: bool = Field(False, description="Let `custom: 'module:attr'` import and run Python code named by this config "
@@ -259,8 +256,6 @@ class GenerateEval(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
-        "sft", description="Training method: sft (supervised), or preference training on chosen/rejected data: dpo, orpo, simpo, kto (see `preference:`).")
     method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
         "sft", description="Training method: sft (supervised), or preference training on chosen/rejected data: dpo, orpo, simpo, kto (see `preference:`).")
     finetune: Literal["lora", "full", "freeze"] = Field("lora", description="Train a LoRA adapter, all weights, or only some (freeze: see train.freeze).")
@@ -363,22 +358,6 @@ class PreferenceConfig(Section):
         "auto = adapter_disabled with LoRA, frozen_copy otherwise.")
 
 
-class PreferenceConfig(Section):
-    """Preference training (train.method dpo / orpo / simpo / kto); names and defaults follow TRL."""
-
-    beta: Optional[float] = Field(None, gt=0, description="Strength of the preference term; default per method: dpo 0.1, simpo 2.0, kto 0.1 (orpo uses orpo_lambda).")
-    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = Field("sigmoid", description="DPO loss: sigmoid (DPO; cDPO with label_smoothing), robust (rDPO), ipo or hinge (SLiC).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Probability that a preference label is flipped: cDPO (sigmoid), rDPO (robust), SimPO.")
-    orpo_lambda: float = Field(0.1, gt=0, description="ORPO: weight of the odds-ratio term next to the chosen NLL (TRL's beta).")
-    simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin gamma.")
-    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable examples' losses.")
-    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable examples' losses.")
-    reference: Literal["auto", "adapter_disabled", "frozen_copy", "precomputed"] = Field(
-        "auto", description="Reference model for dpo/kto: adapter_disabled (LoRA: the base itself, no copy), frozen_copy (a "
-        "second model in memory), precomputed (reference log-probs computed once before training and cached with the data); "
-        "auto = adapter_disabled with LoRA, frozen_copy otherwise.")
-
-
 class OutputConfig(Section):
     dir: str = Field("runs/run", description="Run directory: config, metrics, checkpoints and the final adapter/model.")
     overwrite: bool = Field(False, description="Allow training into a directory that already holds a finished run.")
@@ -413,7 +392,6 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference-training parameters (train.method dpo, orpo, simpo, kto).")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference-training parameters (train.method dpo, orpo, simpo, kto).")
     # Where the config was read from (set by load_config): its folder is never overwritten by a run.
     _config_path: Optional[Path] = PrivateAttr(None)
