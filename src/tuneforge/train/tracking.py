@@ -136,8 +136,19 @@ def _start_wandb(cfg, run_dir: Path, config: dict):
     # One W&B run per run directory: a resumed run continues it instead of starting a second one.
     run_id = _tracking_ids(run_dir).get("wandb") or uuid.uuid4().hex[:12]
     _save_tracking_id(run_dir, "wandb", run_id)
-    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id, resume="allow",
-                      dir=str(run_dir), config=config)
+    kwargs = dict(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, resume="allow", dir=str(run_dir),
+                  config=config)
+    try:
+        return wandb.init(id=run_id, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the tracker's own error type differs by wandb version
+        if "in use" not in str(exc):
+            raise
+    # A killed run's W&B process can still hold its id; the resumed run goes on under a new id, linked by name,
+    # rather than losing the training run over its tracker.
+    new_id = f"{run_id[:8]}-{uuid.uuid4().hex[:4]}"
+    _save_tracking_id(run_dir, "wandb", new_id)
+    print(f"warning: W&B run {run_id} is still held by a killed process; continuing as {new_id}", flush=True)
+    return wandb.init(id=new_id, **kwargs)
 
 
 def _start_mlflow(cfg, run_dir: Path, config: dict):
