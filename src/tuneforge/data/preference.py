@@ -15,6 +15,7 @@ Counts land in the data report under `preference`.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -152,18 +153,9 @@ def _render_item(tokenizer, item: dict) -> tuple[Messages, list[tuple[str, tuple
         sides.append((text, (spans[0][0], spans)))
     if len(sides) == 2:  # the prompt is the text both sides share before either reply (whitespace a reply begins with may differ)
         (tc, (cc, sc)), (tr, (cr, sr)) = sides
-        cut = min(cc, cr, _common_prefix(tc, tr))
+        cut = min(cc, cr, len(os.path.commonprefix([tc, tr])))
         sides = [(tc, (cut, sc)), (tr, (cut, sr))]
     return prompt, sides
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _build(item: dict, rendered, encs: list, max_length: int, truncation: str, counts: Counter):

@@ -13,6 +13,7 @@ conversation, as before.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -282,22 +283,13 @@ def _call_start(tokenizer, st: Structure, found: list, first: int, before: Messa
         prefix = tokenizer.apply_chat_template(marked, tools=marked_tools, tokenize=False) if marked else ""
     except Exception:  # noqa: BLE001 - a template that refuses the shorter conversation: start after the previous slot
         prefix = ""
-    cut = len(_common_prefix(prefix, st.text))
+    cut = len(os.path.commonprefix([prefix, st.text]))  # character-wise, despite the module name
     cut = min(max(cut, lo), hi)
     header = assistant_header(tokenizer)
     if header and st.text.startswith(header, cut) and cut + len(header) <= hi:
         cut += len(header)
     piece_start = found[first - 1][1] if first else 0  # the same fixed text starts here in the real render
     return piece_start + (cut - lo)
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
 
 
 def trained_spans(tokenizer, text: str, messages: Messages, train_on: str, tools: list | None = None) -> list[tuple[int, int]]:
