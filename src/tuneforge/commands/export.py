@@ -33,6 +33,25 @@ def export(run_dir: Path, format: str = typer.Option("gguf", "--format", help="E
 
 
 @app.command()
+def quantize(path: Path, method: str = typer.Option("gptq", "--method", help="Quantization method: gptq."),
+             bits: int = typer.Option(4, "--bits", help="Bits per weight: 4 or 8."),
+             group_size: int = typer.Option(128, "--group-size", help="Weights sharing one scale (power of two, or -1 per row)."),
+             calibration: Optional[Path] = typer.Option(None, help="Calibration data file (default: the run's own training data)."),
+             samples: int = typer.Option(128, min=1, max=100000, help="Calibration samples to draw."),
+             max_ppl_increase: float = typer.Option(0.25, "--max-ppl-increase", min=0.0, max=100.0,
+                                                    help="Fail (exit 3) when eval perplexity rises by more than this share."),
+             out: Optional[Path] = typer.Option(None, help="Output folder (default RUN_DIR/gptq-<bits>bit)."), overwrite: bool = OverwriteOpt):
+    """GPTQ-quantize a run or model (GPTQModel), calibrated on the run's own data; read back with transformers and compared."""
+    from tuneforge.export.gptq import quantize as run_quantize
+
+    r = run_quantize(str(path), str(out) if out else None, method, bits, group_size, str(calibration) if calibration else None,
+                     samples, max_ppl_increase, overwrite, log=console.print)
+    Console().print(f"gptq {bits}-bit -> {r['out']}\n  eval perplexity {r['perplexity_before']:.4g} -> {r['perplexity_after']:.4g} "
+                    f"({r['perplexity_increase']:+.1%}), max |logit diff| {r['max_abs_logit_diff']:.3g}, next-token agreement "
+                    f"{r['top1_agreement']:.1%}, greedy answers equal {r['answer_agreement']:.0%}  OK")
+
+
+@app.command()
 def predict(path: Path, data: Path = typer.Option(..., help="jsonl/json of chat rows (messages) or prompt/completion rows."),
             out: Optional[Path] = typer.Option(None, help="Predictions jsonl (default: predictions.jsonl next to --data)."),
             max_new_tokens: int = typer.Option(128, min=1, max=32768), temperature: float = typer.Option(0.0, min=0.0, max=100.0, help="0 = greedy."),
@@ -67,7 +86,7 @@ def evaluate(run_dir: Path, max_new_tokens: int = typer.Option(64, min=1, max=32
 
 @app.command()
 def push(run_dir: Path, repo: str = typer.Option(..., help="Hub repo id, e.g. you/my-model (created if missing)."),
-         what: str = typer.Option("adapter", help="adapter, merged or gguf."), private: bool = typer.Option(False, "--private")):
+         what: str = typer.Option("adapter", help="adapter, merged, gptq or gguf."), private: bool = typer.Option(False, "--private")):
     """Upload an artifact of the run to the Hugging Face Hub with its model card (token: HF_TOKEN)."""
     from tuneforge.export.push import push as run_push
 

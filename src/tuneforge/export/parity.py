@@ -66,6 +66,33 @@ def perplexity(model, samples: list[list[int]]) -> float:
     return math.exp(total / max(1, count))
 
 
+def target_loss(model, items: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
+    """(sum of next-token CE over labelled positions, number of those positions); labels IGNORE elsewhere.
+
+    Only the tokens training put loss on count, so the mean is the number a run logs as eval_loss.
+    """
+    import torch
+
+    from tuneforge.data.render import IGNORE
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in items:
+            out = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()  # (T-1, V)
+            target = torch.tensor(labels[1:], device=device)
+            total += torch.nn.functional.cross_entropy(out, target, ignore_index=IGNORE, reduction="sum").item()
+            count += int((target != IGNORE).sum())
+    return total, count
+
+
+def target_perplexity(model, items: list[tuple[list[int], list[int]]]) -> float:
+    import math
+
+    total, count = target_loss(model, items)
+    return math.exp(total / max(1, count))
+
+
 def greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 24) -> list[str]:
     from tuneforge.model.generate import generate_batch
 

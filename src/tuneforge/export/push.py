@@ -1,4 +1,4 @@
-"""`tuneforge push RUN_DIR --repo NAME --what adapter|merged|gguf`: one Hub commit with the artifact + its model card.
+"""`tuneforge push RUN_DIR --repo NAME --what adapter|merged|gptq|gguf`: one Hub commit with the artifact + its model card.
 
 The file list is decided here (artifact files, never tuneforge's marker), the card is generated from
 the run (base model, method, data fingerprint, metrics, parity) unless the artifact already has one.
@@ -13,7 +13,7 @@ from pathlib import Path
 from tuneforge.errors import UserError
 from tuneforge.outputs import MARKER
 
-WHAT = ("adapter", "merged", "gguf")
+WHAT = ("adapter", "merged", "gptq", "gguf")
 SKIP = {MARKER, "training_args.bin"}
 
 
@@ -28,12 +28,23 @@ def artifact_dir(run_dir: Path, what: str) -> Path:
         if not (folder / "config.json").is_file():
             raise UserError(f"{run_dir}: no merged model (run `tuneforge merge {run_dir}` first)")
         return folder
+    if what == "gptq":
+        return one_export(run_dir, sorted(p.parent for p in run_dir.glob("gptq-*/quantize_report.json")), "GPTQ model",
+                          f"tuneforge quantize {run_dir} --method gptq")
     found = sorted(run_dir.glob("gguf-*/*.gguf"))
     if not found:
         raise UserError(f"{run_dir}: no GGUF export (run `tuneforge export {run_dir} --format gguf` first)")
     if len({f.parent for f in found}) > 1:
         raise UserError(f"{run_dir}: several GGUF exports ({', '.join(sorted({f.parent.name for f in found}))}); keep one or push it as a folder")
     return found[0].parent
+
+
+def one_export(run_dir: Path, folders: list[Path], what: str, command: str) -> Path:
+    if not folders:
+        raise UserError(f"{run_dir}: no {what} (run `{command}` first)")
+    if len(folders) > 1:
+        raise UserError(f"{run_dir}: several {what}s ({', '.join(f.name for f in folders)}); keep one or push it as a folder")
+    return folders[0]
 
 
 def upload_plan(run_dir: Path, what: str) -> tuple[Path, list[Path], str]:
@@ -49,7 +60,7 @@ def upload_plan(run_dir: Path, what: str) -> tuple[Path, list[Path], str]:
     if card.is_file() and "[tuneforge]" in card.read_text():  # ours (merge writes one); peft's boilerplate card is replaced
         return folder, files, card.read_text()
     parity = {}
-    for report in ("export_report.json", "merge_report.json"):
+    for report in ("export_report.json", "merge_report.json", "quantize_report.json"):
         if (folder / report).is_file():
             parity = {k: v for k, v in json.loads((folder / report).read_text()).items() if not isinstance(v, (list, dict))}
     return folder, files, card_text(run_dir, what, parity)

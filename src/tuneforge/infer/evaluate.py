@@ -10,30 +10,14 @@ import math
 from pathlib import Path
 
 from tuneforge.errors import UserError
-
-
-def target_loss(model, items: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
-    """(sum of next-token CE over labelled positions, number of those positions); labels IGNORE elsewhere."""
-    import torch
-
-    from tuneforge.data.render import IGNORE
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids, labels in items:
-            logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()  # (T-1, V)
-            target = torch.tensor(labels[1:], device=device)
-            total += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
-            count += int((target != IGNORE).sum())
-    return total, count
+from tuneforge.export.parity import target_loss
 
 
 def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None, log=print) -> dict:
     import yaml
 
-    from tuneforge.config.schema import DataConfig, GenerateEval
-    from tuneforge.rundir import read_run_info, update_run_info, write_json
+    from tuneforge.config.schema import GenerateEval
+    from tuneforge.rundir import read_run_info, saved_data_config, update_run_info, write_json
 
     run = Path(run_dir)
     read_run_info(run)  # a clear error when RUN_DIR is not a run
@@ -41,7 +25,7 @@ def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None,
         raise UserError(f"{run}: no config.yaml; `eval` needs the run directory written by `tuneforge train`")
     # Only the sections eval needs are validated: data (to rebuild the same split) and the generate-eval metric.
     raw = yaml.safe_load((run / "config.yaml").read_text())
-    data_cfg = DataConfig(**raw["data"])
+    data_cfg = saved_data_config(run)
     metric = GenerateEval(**(raw.get("train") or {}).get("generate_eval", {})).metric
 
     from tuneforge.data.prepare import prepare

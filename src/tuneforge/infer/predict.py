@@ -99,7 +99,7 @@ def reference_perplexity(model, tokenizer, rows: list[dict]) -> float:
     """exp(mean CE per reference token), the reference rendered as the assistant turn by the chat template."""
     from tuneforge.data.render import IGNORE
     from tuneforge.data.templates import stop_token_ids
-    from tuneforge.infer.evaluate import target_loss
+    from tuneforge.export.parity import target_loss
     from tuneforge.model.generate import prompt_ids
 
     stops, items = set(stop_token_ids(tokenizer)), []
