@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 GPTQ_VENV := .venv-gptq
-.PHONY: setup gptq-env browser demo test test-fast bench clean
+.PHONY: setup gptq-env llama-cpp browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,15 @@ $(GPTQ_VENV)/.installed: pyproject.toml requirements-lock.txt
 	test -d $(GPTQ_VENV) || $(PY) -m venv $(GPTQ_VENV)
 	$(GPTQ_VENV)/bin/pip install -q --upgrade pip
 	$(GPTQ_VENV)/bin/pip install -q torch==2.13.0
-	$(GPTQ_VENV)/bin/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[gptq]'
+	$(GPTQ_VENV)/bin/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[gptq,quant,eval]'
+	touch $@
+
+# llama.cpp itself reads every GGUF export back (tests/test_export_gguf.py): llama-cpp-python compiles llama.cpp
+# from source (~5 min once; pip caches the wheel). Not part of `setup`, so `make demo` does not wait for it.
+llama-cpp: $(VENV)/.llama-cpp
+
+$(VENV)/.llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[llamacpp]'
 	touch $@
 
 $(DEMO_MODEL):
@@ -48,7 +56,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install Debian's chromium; the browser tests will say so and skip"
 
-test: setup gptq-env browser
+test: setup gptq-env llama-cpp browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

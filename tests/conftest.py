@@ -19,6 +19,25 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def learned_run(tmp_path_factory) -> Path:
+    """A full fine-tune (Llama, hidden 256: k-quant rows) that learned the task format, as `train` writes it.
+    Quantized exports of a random model disagree on greedy answers by chance; this one answers with confidence."""
+    import subprocess
+
+    from helpers import run_cli, write_config
+
+    tmp = tmp_path_factory.mktemp("learned")
+    base = tiny.build_model(tmp / "base", "llama", hidden=256)
+    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.reverse_rows(80, seed=3))
+    cfg = write_config(tmp / "c.yaml", base, data, tmp / "run", data={"eval_split": 0.1},
+                       train={"finetune": "full", "max_steps": 80, "micro_batch_size": 8, "lr": 2e-3,
+                              "generate_eval": {"samples": 3, "max_new_tokens": 8}})  # held-out prompts for parity checks
+    proc: subprocess.CompletedProcess = run_cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
 def tokenizer(llama_dir):
     from transformers import PreTrainedTokenizerFast
 

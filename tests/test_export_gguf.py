@@ -1,6 +1,11 @@
-"""GGUF export: every family round-trips through transformers' GGUF reader within the type's tolerance,
-answers like the trained model through the embedded chat template, and writes a usable Modelfile."""
+"""GGUF export: every family round-trips through transformers' GGUF reader and through llama.cpp itself within
+the type's tolerance, answers like the trained model through the embedded chat template, and writes a usable Modelfile.
 
+llama.cpp comes from llama-cpp-python, which `make test` builds (`make llama-cpp`); without it the llama.cpp
+tests say so and skip, and the transformers-reader checks still run.
+"""
+
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -10,6 +15,9 @@ import pytest
 import tiny
 from conftest import FIXTURES
 from helpers import assert_user_error, run_cli
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+needs_llama_cpp = pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python not installed (`make llama-cpp`; `make test` does)")
 
 
 def lora_adapter(folder: Path, base: Path) -> Path:
@@ -51,6 +59,12 @@ def test_family_round_trip_f16(tmp_path, arch):
     assert (tmp_path / "g" / mf["from"]).is_file() and mf["stop"] == ["<|im_end|>"]
     assert "{{ .Content }}<|im_end|>" in mf["template"] and "<|im_start|>assistant\n" in mf["template"]
     assert json.loads((tmp_path / "g" / "export_report.json").read_text())["passed"]
+    lc = r["llama_cpp"]
+    if LLAMA_CPP:  # llama.cpp itself: the same file, its own tokenizer and Jinja rendering of the embedded template
+        assert lc["readback"] == "ok" and lc["max_rel_logit_diff"] <= 5e-3 and lc["top1_agreement"] > 0.95, lc
+        assert lc["chat_template_embedded"] and lc["prompt_ids_equal"] and lc["answer_agreement"] == 1.0, lc
+    else:
+        assert lc["readback"].startswith("not installed")
 
 
 @pytest.mark.parametrize("ftype,tol", [("f32", 1e-5), ("bf16", 3e-2), ("q8_0", 5e-2)])
@@ -79,12 +93,29 @@ def test_lora_adapter_is_fused_and_matches_the_adapter_model(tmp_path, llama_dir
     assert r["passed"] and r["max_abs_logit_diff"] < 1e-4 and r["answer_agreement"] == 1.0
 
 
-def test_gemma1_is_written_but_reported_unverified(tmp_path):
+@needs_llama_cpp
+def test_gemma1_unreadable_by_transformers_is_verified_by_llama_cpp(tmp_path):
     from tuneforge.export.gguf import export_gguf
 
     model = tiny.build_model(tmp_path / "m", "gemma", tie_word_embeddings=True)
     r = export_gguf(str(model), str(tmp_path / "g"), "f16", log=lambda *_: None)
     assert Path(r["path"]).is_file() and r["readback"].startswith("unavailable")
+    lc = r["llama_cpp"]
+    assert r["passed"] and lc["readback"] == "ok" and lc["max_rel_logit_diff"] <= 5e-3 and lc["answer_agreement"] == 1.0, lc
+
+
+@needs_llama_cpp
+def test_q4_k_m_through_llama_cpps_quantizer(tmp_path, learned_run):
+    from gguf import GGUFReader
+
+    from tuneforge.export.gguf import export_gguf
+
+    r = export_gguf(str(learned_run), str(tmp_path / "g"), "q4_k_m", log=lambda *_: None)  # hidden 256: k-quant rows
+    kinds = {t.tensor_type.name for t in GGUFReader(r["path"]).tensors if len(t.shape) == 2}
+    assert "Q4_K" in kinds and r["path"].endswith("-q4_k_m.gguf") and not list((tmp_path / "g").glob("*.tmp"))
+    for part in (r, r["llama_cpp"]):
+        assert part["readback"] == "ok" and part["max_rel_logit_diff"] <= r["tolerance_rel"] and part["top1_agreement"] > 0.8, part
+        assert part["answer_agreement"] >= 0.5 and part["prompt_ids_equal"], part
 
 
 @pytest.mark.skipif(not (FIXTURES / "tokenizers").is_dir(), reason="shared tokenizer fixtures absent")
@@ -106,8 +137,8 @@ def test_real_tokenizers_survive_the_round_trip(tmp_path, name, arch):
 
 
 def test_cli_export_refuses_unavailable_type_foreign_folder_and_overwrite(tmp_path, llama_dir):
-    proc = run_cli("export", llama_dir, "--type", "q4_k_m", "--out", tmp_path / "q")
-    assert_user_error(proc, "q4_k_m", "available: f32, f16, bf16, q8_0")
+    proc = run_cli("export", llama_dir, "--type", "q2_x", "--out", tmp_path / "q")
+    assert_user_error(proc, "q2_x", "available: f32, f16, bf16, q8_0" + (", q4_k_m" if LLAMA_CPP else ""))
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -153,3 +184,6 @@ def test_demo_run_exports_and_answers_its_held_out_prompts_identically(tmp_path)
     r = export_gguf(str(DEMO_RUN), str(tmp_path / "g"), "f16", log=lambda *_: None)
     assert r["passed"] and r["readback"] == "ok" and r["prompt_ids_equal"] and r["answer_agreement"] == 1.0
     assert all(a["trained"].startswith("{") for a in r["answers"])  # the demo's JSON records, not empty replies
+    if LLAMA_CPP:
+        lc = r["llama_cpp"]
+        assert lc["readback"] == "ok" and lc["prompt_ids_equal"] and lc["answer_agreement"] == 1.0, lc

@@ -40,19 +40,6 @@ def gptq_cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           timeout=900, cwd=cwd, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd or Path.home())})
 
 
-@pytest.fixture(scope="module")
-def learned_run(tmp_path_factory):
-    """A full fine-tune that learned the task format (perplexity far below the random model's), as `train` writes it."""
-    tmp = tmp_path_factory.mktemp("gptq")
-    base = tiny.build_model(tmp / "base", "llama", hidden=128)
-    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.reverse_rows(80, seed=3))
-    cfg = write_config(tmp / "c.yaml", base, data, tmp / "run", data={"eval_split": 0.1},
-                       train={"finetune": "full", "max_steps": 60, "micro_batch_size": 8, "lr": 3e-3})
-    proc = run_cli("train", cfg)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp / "run"
-
-
 @pytest.mark.slow
 @needs_gptq_venv
 def test_gptq_8bit_loads_in_plain_transformers_and_its_numbers_are_true(learned_run, tmp_path):
@@ -92,7 +79,7 @@ def test_gptq_8bit_loads_in_plain_transformers_and_its_numbers_are_true(learned_
 @pytest.mark.slow
 @needs_gptq_venv
 def test_gptq_fails_loudly_past_the_perplexity_threshold(learned_run, tmp_path):
-    proc = gptq_cli("quantize", learned_run, "--bits", "4", "--group-size", "-1", "--max-ppl-increase", "0",
+    proc = gptq_cli("quantize", learned_run, "--bits", "4", "--group-size", "256", "--max-ppl-increase", "0",
                     "--out", tmp_path / "q4", cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -104,15 +91,22 @@ def test_gptq_fails_loudly_past_the_perplexity_threshold(learned_run, tmp_path):
 
 @pytest.mark.slow
 @needs_gptq_venv
-def test_gptq_of_a_lora_run_with_a_calibration_file_then_push_plan(learned_run, tmp_path):
+def test_gptq_of_a_lora_run_with_a_calibration_file_then_push_plan(learned_run, llama_dir, tmp_path):
     from tuneforge.export.push import upload_plan
 
     data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.reverse_rows(40, seed=5))
     cfg = write_config(tmp_path / "c.yaml", learned_run / "final", data, tmp_path / "run",
-                       train={"finetune": "lora", "max_steps": 10, "micro_batch_size": 8, "lr": 3e-3})
+                       train={"finetune": "lora", "max_steps": 10, "micro_batch_size": 8, "lr": 3e-3,
+                              "generate_eval": {"samples": 3, "max_new_tokens": 8}})  # in-task held-out prompts
     assert run_cli("train", cfg).returncode == 0
     run = tmp_path / "run"
     calib = tiny.write_jsonl(tmp_path / "calib.jsonl", tiny.reverse_rows(30, seed=9))
+    # A group size that does not divide the layer inputs (SmolLM2-135M: 576 vs 128) is refused before quantizing.
+    assert_user_error(gptq_cli("quantize", llama_dir, "--calibration", calib, "--group-size", "128", cwd=tmp_path),
+                      "--group-size 128", "input size 64", "use --group-size 64")
+    # One group per row (512 wide: the MLP's down projection) is more than torch's CPU int4 kernel runs.
+    assert_user_error(gptq_cli("quantize", run, "--calibration", calib, "--group-size", "-1", cwd=tmp_path),
+                      "--group-size -1", "512", "--group-size 128")
     proc = gptq_cli("quantize", run, "--calibration", calib, "--samples", "12", "--bits", "8", "--group-size", "32", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
     report = json.loads((run / "gptq-8bit" / "quantize_report.json").read_text())
@@ -134,7 +128,7 @@ def test_quantize_bad_input_is_one_line(tmp_path, llama_dir):
     calib = tiny.write_jsonl(tmp_path / "calib.jsonl", tiny.reverse_rows(3))
     assert_user_error(run_cli("quantize", llama_dir, "--bits", "3", "--calibration", calib), "--bits 3", "4, 8")
     assert_user_error(run_cli("quantize", llama_dir, "--method", "awq"), "--method awq", "gptq")
-    assert_user_error(run_cli("quantize", llama_dir, "--group-size", "100", "--calibration", calib), "--group-size 100", "power of two")
+    assert_user_error(run_cli("quantize", llama_dir, "--group-size", "100", "--calibration", calib), "--group-size 100", "32, 64, 128 or 256")
     assert_user_error(run_cli("quantize", llama_dir), str(llama_dir), "--calibration FILE")
     assert_user_error(run_cli("quantize", llama_dir, "--calibration", tmp_path / "nope.jsonl"), "nope.jsonl", "not found")
     assert_user_error(run_cli("quantize", tmp_path / "nothing", "--calibration", calib), "nothing")
@@ -142,3 +136,17 @@ def test_quantize_bad_input_is_one_line(tmp_path, llama_dir):
     assert_user_error(run_cli("quantize", llama_dir, "--calibration", calib, "--out", tmp_path / "q"), "GPTQModel", "tuneforge[gptq]")
     assert not (tmp_path / "q").exists()
     assert_user_error(run_cli("push", llama_dir, "--repo", "me/x", "--what", "gptq"), "no GPTQ model", "tuneforge quantize")
+
+
+@pytest.mark.slow
+@needs_gptq_venv
+def test_gptq_of_a_qlora_run_fuses_into_the_dequantized_base(learned_run, tmp_path):
+    from test_export_merge import make_run
+
+    run = make_run(tmp_path / "run", learned_run / "final", quantize="4bit")
+    (run / "config.yaml").write_text((learned_run / "config.yaml").read_text())  # the base run's data: calibration + eval split
+    proc = gptq_cli("quantize", run, "--bits", "8", "--group-size", "32", "--samples", "16", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert "fused into that base de-quantized" in proc.stdout + proc.stderr
+    report = json.loads((run / "gptq-8bit" / "quantize_report.json").read_text())
+    assert report["passed"] and report["calibration"]["samples"] == 16 and abs(report["perplexity_increase"]) < 0.05

@@ -29,7 +29,14 @@ def export(run_dir: Path, format: str = typer.Option("gguf", "--format", help="E
                         f"tolerance {r['tolerance_rel']:g}), next-token agreement {r['top1_agreement']:.1%}, greedy answers "
                         f"equal {r['answer_agreement']:.0%}, chat template embedded: {r['chat_template_embedded']}  OK")
     else:
-        Console().print(f"gguf -> {r['path']}\n  not verified: {r['readback']}")
+        Console().print(f"gguf -> {r['path']}\n  transformers: not verified: {r['readback']}")
+    lc = r.get("llama_cpp") or {}
+    if lc.get("readback") == "ok":
+        Console().print(f"  llama.cpp: max |logit diff| {lc['max_abs_logit_diff']:.2e} (relative {lc['max_rel_logit_diff']:.2e}), "
+                        f"next-token agreement {lc['top1_agreement']:.1%}, prompt ids through the embedded template equal: "
+                        f"{lc.get('prompt_ids_equal')}, greedy answers equal {lc.get('answer_agreement', 0):.0%}")
+    else:
+        Console().print(f"  llama.cpp: {lc.get('readback', 'not run')}")
 
 
 @app.command()

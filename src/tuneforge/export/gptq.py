@@ -21,6 +21,8 @@ from tuneforge.rundir import update_run_info, write_json
 
 METHODS = ("gptq",)
 BITS = (4, 8)
+GROUP_SIZES = (-1, 32, 64, 128, 256)  # what GPTQ kernels run (torch's CPU int4 kernel: 32-256)
+CPU_INT4_MAX_GROUP = 256
 # Perplexity may rise by this share at most (4-bit GPTQ on real models usually stays within a few percent).
 MAX_PPL_INCREASE = 0.25
 # Held-out greedy answers that must equal the trained model's (quantized: some drift is expected).
@@ -40,9 +42,9 @@ def quantize(path: str, out: str | None = None, method: str = "gptq", bits: int 
     gptqmodel_version()  # fail before loading anything when the library is missing
 
     from tuneforge.export import parity
-    from tuneforge.model.trained import load_trained
 
-    model, tokenizer, desc = load_trained(path, dtype="float32")
+    model, tokenizer, desc = load_source(path, log)
+    check_group_size(model, group_size, bits)
     calib, evals, calib_source = calibration_data(run_dir, tokenizer, calibration, samples, seed, log)
     ids = parity.sample_ids(run_dir, tokenizer)
     prompts = parity.held_out_prompts(run_dir)
@@ -93,8 +95,27 @@ def check_options(method: str, bits: int, group_size: int) -> None:
         raise UserError(f"--method {method}: use one of {', '.join(METHODS)} (GGUF files are `tuneforge export --format gguf`)")
     if bits not in BITS:
         raise UserError(f"--bits {bits}: use one of {', '.join(map(str, BITS))}")
-    if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
-        raise UserError(f"--group-size {group_size}: use a power of two >= 16 (e.g. 128), or -1 for one group per row")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size {group_size}: use 32, 64, 128 or 256 (or -1 for one group per row)")
+
+
+def check_group_size(model, group_size: int, bits: int) -> None:
+    """Every quantized linear needs whole groups that its kernel runs: GPTQ kernels refuse them only at inference."""
+    import torch
+
+    sizes = {m.in_features for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and "lm_head" not in name and "lora_" not in name}
+    if group_size == -1:
+        if bits == 4 and not torch.cuda.is_available() and max(sizes) > CPU_INT4_MAX_GROUP:
+            raise UserError(f"--group-size -1 with --bits 4: one group per row means groups of {max(sizes)} weights, and "
+                            f"torch's CPU int4 kernel runs at most {CPU_INT4_MAX_GROUP} (use --group-size 128, or a GPU)")
+        return
+    bad = sorted(s for s in sizes if s % group_size)
+    if bad:
+        common = math.gcd(*sizes)
+        fit = max((g for g in GROUP_SIZES if g > 0 and common % g == 0), default=-1)
+        raise UserError(f"--group-size {group_size}: does not divide this model's layer input size {bad[0]} (GPTQ kernels "
+                        f"need whole groups); use --group-size {fit}")
 
 
 def check_inputs(run_dir: Path, calibration: str | None) -> None:
@@ -116,6 +137,20 @@ def gptqmodel_version() -> str:
         return version("gptqmodel")
     except PackageNotFoundError:
         raise UserError(f"quantize --method gptq needs GPTQModel, which is not installed ({INSTALL_HINT})") from None
+
+
+def load_source(path: str, log):
+    """The trained model in fp32; a QLoRA adapter sits on its de-quantized 4-bit base, as `merge` fuses it."""
+    from tuneforge.export.merge import dequantized_weights, load_for_merge, with_weights
+    from tuneforge.model.trained import describe, load_trained
+
+    if describe(path)["kind"] != "lora":
+        return load_trained(path, dtype="float32")
+    model, tokenizer, desc, quantized = load_for_merge(path, log)
+    if quantized:  # de-quantize before any forward: on CPU bitsandbytes repacks 4-bit weights at the first one
+        model = with_weights(dequantized_weights(model), desc)
+        log(f"the adapter was trained on a {quantized} base: it is fused into that base de-quantized, then GPTQ-quantized")
+    return model, tokenizer, desc
 
 
 def calibration_data(run_dir: Path, tokenizer, calibration: str | None, n: int, seed: int, log):

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 PARITY_SAMPLES = "parity_samples.json"
+GREEDY_TOKENS = 24  # new tokens per held-out answer in every parity check
 DEFAULT_PROMPTS = ["Hello! Who are you?", "Summarise: the cat sat on the mat.", "List three colours."]
 
 
@@ -93,7 +94,7 @@ def target_perplexity(model, items: list[tuple[list[int], list[int]]]) -> float:
     return math.exp(total / max(1, count))
 
 
-def greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 24) -> list[str]:
+def greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = GREEDY_TOKENS) -> list[str]:
     from tuneforge.model.generate import generate_batch
 
     return generate_batch(model, tokenizer, conversations, max_new_tokens, batch_size=1)
