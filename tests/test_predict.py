@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,70 @@ def test_eval_base_vs_tuned_matches_the_runs_eval_loss(tmp_path, llama_dir):
     assert report["tuned"]["perplexity"] == pytest.approx(math.exp(report["tuned"]["eval_loss"]))
     assert set(report["tuned"]) == set(report["base"]) >= {"eval_loss", "perplexity", "gen_exact"}
     assert "fine-tuned" in proc.stdout and info["eval"]["samples"] == report["samples"]
+
+
+REVERSE_TASK = """task: tf_reverse
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {rows}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def reverse_choice_rows(n: int) -> list[dict]:
+    """Multiple choice: the reversed letters (right) or the letters as given (wrong), in a seeded order."""
+    import random
+
+    rng, out = random.Random(7), []
+    for row in tiny.reverse_rows(n, seed=11):
+        right = row["messages"][1]["content"]
+        wrong = row["messages"][0]["content"].split(": ", 1)[1]
+        choices = [right, wrong] if rng.random() < 0.5 else [wrong, right]
+        out.append({"question": row["messages"][0]["content"], "choices": choices, "answer": choices.index(right)})
+    return out
+
+
+def own_accuracy(model_dir: Path, rows: list[dict]) -> float:
+    """The task's accuracy from our own log-likelihoods: sum of log p(' ' + choice | question) per choice."""
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    right = 0
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            ctx = tok(row["question"])["input_ids"]
+            whole = tok(row["question"] + " " + choice)["input_ids"]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
+        right += max(range(len(scores)), key=scores.__getitem__) == row["answer"]
+    return right / len(rows)
+
+
+@pytest.mark.slow
+def test_eval_hands_off_to_lm_eval_and_its_accuracy_is_the_models(tmp_path, learned_run):
+    rows = reverse_choice_rows(16)
+    data = tiny.write_jsonl(tmp_path / "rows.jsonl", rows)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tf_reverse.yaml").write_text(REVERSE_TASK.format(rows=data))
+    proc = run_cli("eval", learned_run, "--samples", "2", "--max-new-tokens", "4", "--lm-eval", "tf_reverse",
+                   "--lm-eval-include", tasks, "--lm-eval-raw", env={"HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((learned_run / "eval_report.json").read_text())
+    tuned, base = report["tuned"]["lm_eval/tf_reverse/acc"], report["base"]["lm_eval/tf_reverse/acc"]
+    assert tuned == pytest.approx(own_accuracy(learned_run / "final", rows))
+    assert base == pytest.approx(own_accuracy(json.loads((learned_run / "run_info.json").read_text())["base_model_dir"], rows))
+    assert "lm_eval/tf_reverse/acc" in proc.stdout
+    # A task name lm-eval does not know: one line, before any model is loaded.
+    assert_user_error(run_cli("eval", learned_run, "--lm-eval", "tf_revers", "--lm-eval-include", tasks), "tf_revers", "tf_reverse")

@@ -75,13 +75,21 @@ def predict(path: Path, data: Path = typer.Option(..., help="jsonl/json of chat 
 
 @app.command("eval")
 def evaluate(run_dir: Path, max_new_tokens: int = typer.Option(64, min=1, max=32768),
-             samples: Optional[int] = typer.Option(None, min=1, help="Eval samples to use (default: all).")):
-    """Eval-split loss and perplexity, base vs fine-tuned side by side, plus the run's generate-eval metric."""
+             samples: Optional[int] = typer.Option(None, min=1, help="Eval samples to use (default: all)."),
+             lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Also run lm-eval tasks, comma-separated (e.g. hellaswag,arc_easy)."),
+             lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="Folder of your own lm-eval task YAML files."),
+             lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", min=1, help="Documents per lm-eval task (default: all)."),
+             lm_eval_chat: bool = typer.Option(True, "--lm-eval-chat/--lm-eval-raw", help="Render lm-eval prompts with the chat template (default) or raw.")):
+    """Eval-split loss and perplexity, base vs fine-tuned side by side, plus the run's generate-eval metric (and lm-eval tasks)."""
     from rich.table import Table
 
     from tuneforge.infer.evaluate import evaluate as run_eval
 
-    r = run_eval(str(run_dir), max_new_tokens=max_new_tokens, samples=samples, log=console.print)
+    tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None
+    if lm_eval is not None and not tasks:
+        raise UserError("--lm-eval: give task names, comma-separated (e.g. --lm-eval hellaswag,arc_easy)")
+    r = run_eval(str(run_dir), max_new_tokens=max_new_tokens, samples=samples, log=console.print, lm_eval=tasks,
+                 lm_eval_include=str(lm_eval_include) if lm_eval_include else None, lm_eval_limit=lm_eval_limit, lm_eval_chat=lm_eval_chat)
     table = Table(title=f"eval: {run_dir} ({r['samples']} eval samples)")
     for col in ("metric", "base", "fine-tuned"):
         table.add_column(col, justify="right" if col != "metric" else "left")

@@ -1,5 +1,8 @@
 """`tuneforge eval RUN_DIR`: the run's eval split scored by the base and the fine-tuned model, side by side.
 
+With `--lm-eval TASKS` the same two models also go through EleutherAI's lm-evaluation-harness (its own
+task definitions and metrics; tasks from the hub, or local task YAML files with --lm-eval-include).
+
 Loss is cross-entropy per target token (the tokens training put loss on), so it is the number the
 run logged as eval_loss; the generate-eval metric uses the run's own setting (exact or json).
 """
@@ -13,7 +16,39 @@ from tuneforge.errors import UserError
 from tuneforge.export.parity import target_loss
 
 
-def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None, log=print) -> dict:
+def lm_eval_tasks(tasks: list[str], include: str | None):
+    """Check the task names with lm-eval's own task index before any model loads; -> its TaskManager."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--lm-eval needs lm-eval, which is not installed (pip install 'tuneforge[lmeval]')") from None
+    import difflib
+
+    if include and not Path(include).is_dir():
+        raise UserError(f"--lm-eval-include {include}: not a folder (it holds lm-eval task YAML files)")
+    manager = TaskManager(include_path=include) if include else TaskManager()
+    for task in tasks:
+        if task not in manager.all_tasks:
+            close = difflib.get_close_matches(task, manager.all_tasks, n=3)
+            raise UserError(f"--lm-eval {task}: not an lm-eval task" + (f" (did you mean {', '.join(close)}?)" if close else
+                            " (see `lm-eval ls tasks`, or give your own task YAML with --lm-eval-include DIR)"))
+    return manager
+
+
+def lm_eval_scores(model, tokenizer, tasks: list[str], manager, limit: int | None, chat: bool) -> dict:
+    """{"lm_eval/<task>/<metric>": value} from lm-eval's harness run on the already loaded model."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)
+    out = lm_eval.simple_evaluate(model=harness, tasks=tasks, task_manager=manager, limit=limit, apply_chat_template=chat,
+                                  log_samples=False, bootstrap_iters=0)
+    return {f"lm_eval/{task}/{key.split(',')[0]}": float(value) for task, metrics in out["results"].items()
+            for key, value in metrics.items() if isinstance(value, (int, float)) and "_stderr" not in key}
+
+
+def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None, log=print, lm_eval: list[str] | None = None,
+             lm_eval_include: str | None = None, lm_eval_limit: int | None = None, lm_eval_chat: bool = True) -> dict:
     import yaml
 
     from tuneforge.config.schema import GenerateEval
@@ -34,6 +69,7 @@ def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None,
     from tuneforge.model.load import load_model, load_tokenizer
     from tuneforge.model.trained import load_trained, to_best_device
 
+    manager = lm_eval_tasks(lm_eval, lm_eval_include) if lm_eval else None
     tuned, tokenizer, desc = load_trained(run)
     data = prepare(data_cfg, tokenizer, log=log)
     evals = data.eval[:samples] if samples else data.eval
@@ -49,6 +85,8 @@ def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None,
         out = {"eval_loss": total / max(1, count), "perplexity": math.exp(total / max(1, count))}
         if prompts:
             out.update(score(generate_batch(model, tokenizer, prompts, max_new_tokens), refs, metric))
+        if lm_eval:  # the fine-tuned model was trained on chat turns: by default lm-eval renders through its template
+            out.update(lm_eval_scores(model, tokenizer, lm_eval, manager, lm_eval_limit, lm_eval_chat))
         return out
 
     result = {"samples": len(evals), "tuned": scores(tuned)}
