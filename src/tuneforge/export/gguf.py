@@ -18,8 +18,9 @@ from tuneforge.outputs import check_output_dir, clear_output_dir, mark_output_di
 from tuneforge.rundir import update_run_info, write_json
 
 # Max |logit diff| relative to the largest |logit|, per type; plus the greedy answers must agree (see below).
-# q4_k_m: llama.cpp measured 0.12 on SmolLM2-135M (its 576-wide rows fall back to q5_0); answers are the real gate.
-TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2, "q4_k_m": 0.25}
+# q4_k_m: 0.19 (transformers) / 0.21 (llama.cpp) measured on the demo run (SmolLM2-135M + LoRA, whose 576-wide rows
+# fall back to q5_0); for 4-bit types the greedy answers are the real gate.
+TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2, "q4_k_m": 0.3}
 # Types whose greedy answers must equal the trained model's exactly; quantized ones need this share of them.
 EXACT_ANSWERS = ("f32", "f16")
 MIN_ANSWER_AGREEMENT = 0.5
