@@ -145,7 +145,9 @@ def test_cli_export_refuses_unavailable_type_foreign_folder_and_overwrite(tmp_pa
     assert_user_error(run_cli("export", llama_dir, "--out", foreign), "not written by tuneforge")
     ok = run_cli("export", llama_dir, "--type", "f32", "--out", tmp_path / "g")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "greedy answers equal 100%" in ok.stdout
+    lines = {ln.split(":")[0].strip(): ln for ln in ok.stdout.splitlines() if ln.startswith("  ")}
+    assert "greedy answers equal 100%" in lines["transformers"] and "prompt ids equal: True" in lines["transformers"]
+    assert ("greedy answers equal 100%" if LLAMA_CPP else "not installed") in lines["llama.cpp"]
     assert_user_error(run_cli("export", llama_dir, "--type", "f32", "--out", tmp_path / "g"), "already holds a gguf", "--overwrite")
 
 

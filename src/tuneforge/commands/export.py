@@ -24,19 +24,17 @@ def export(run_dir: Path, format: str = typer.Option("gguf", "--format", help="E
     from tuneforge.export.gguf import export_gguf
 
     r = export_gguf(str(run_dir), str(out) if out else None, type, overwrite, log=console.print)
-    if r.get("readback") == "ok":
-        Console().print(f"gguf -> {r['path']}\n  max |logit diff| {r['max_abs_logit_diff']:.2e} (relative {r['max_rel_logit_diff']:.2e}, "
-                        f"tolerance {r['tolerance_rel']:g}), next-token agreement {r['top1_agreement']:.1%}, greedy answers "
-                        f"equal {r['answer_agreement']:.0%}, chat template embedded: {r['chat_template_embedded']}  OK")
-    else:
-        Console().print(f"gguf -> {r['path']}\n  transformers: not verified: {r['readback']}")
-    lc = r.get("llama_cpp") or {}
-    if lc.get("readback") == "ok":
-        Console().print(f"  llama.cpp: max |logit diff| {lc['max_abs_logit_diff']:.2e} (relative {lc['max_rel_logit_diff']:.2e}), "
-                        f"next-token agreement {lc['top1_agreement']:.1%}, prompt ids through the embedded template equal: "
-                        f"{lc.get('prompt_ids_equal')}, greedy answers equal {lc.get('answer_agreement', 0):.0%}")
-    else:
-        Console().print(f"  llama.cpp: {lc.get('readback', 'not run')}")
+    Console(soft_wrap=True).print(f"gguf -> {r['path']} (tolerance: relative |logit diff| {r['tolerance_rel']:g})")
+    for reader, part in (("transformers", r), ("llama.cpp", r.get("llama_cpp") or {})):
+        Console(soft_wrap=True).print(f"  {reader}: " + reader_summary(part))
+
+
+def reader_summary(part: dict) -> str:
+    if part.get("readback") != "ok":
+        return f"not verified: {part.get('readback', 'not run')}"
+    return (f"max |logit diff| {part['max_abs_logit_diff']:.2e} (relative {part['max_rel_logit_diff']:.2e}), next-token agreement "
+            f"{part['top1_agreement']:.1%}, chat template embedded: {part['chat_template_embedded']}, prompt ids equal: "
+            f"{part.get('prompt_ids_equal')}, greedy answers equal {part.get('answer_agreement', 0):.0%}")
 
 
 @app.command()
@@ -53,7 +51,7 @@ def quantize(path: Path, method: str = typer.Option("gptq", "--method", help="Qu
 
     r = run_quantize(str(path), str(out) if out else None, method, bits, group_size, str(calibration) if calibration else None,
                      samples, max_ppl_increase, overwrite, log=console.print)
-    Console().print(f"gptq {bits}-bit -> {r['out']}\n  eval perplexity {r['perplexity_before']:.4g} -> {r['perplexity_after']:.4g} "
+    Console(soft_wrap=True).print(f"gptq {bits}-bit -> {r['out']}\n  eval perplexity {r['perplexity_before']:.4g} -> {r['perplexity_after']:.4g} "
                     f"({r['perplexity_increase']:+.1%}), max |logit diff| {r['max_abs_logit_diff']:.3g}, next-token agreement "
                     f"{r['top1_agreement']:.1%}, greedy answers equal {r['answer_agreement']:.0%}  OK")
 
@@ -70,7 +68,7 @@ def predict(path: Path, data: Path = typer.Option(..., help="jsonl/json of chat 
 
     r = run_predict(str(path), data, out, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     batch_size=batch_size, limit=limit, seed=seed, overwrite=overwrite, log=console.print)
-    Console().print(f"predictions -> {r['out']}  ({r['rows']} rows)\n" + "  ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items()))
+    Console(soft_wrap=True).print(f"predictions -> {r['out']}  ({r['rows']} rows)\n" + "  ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items()))
 
 
 @app.command("eval")
@@ -95,8 +93,8 @@ def evaluate(run_dir: Path, max_new_tokens: int = typer.Option(64, min=1, max=32
         table.add_column(col, justify="right" if col != "metric" else "left")
     for key in r["base"]:
         table.add_row(key, f"{r['base'][key]:.4f}", f"{r['tuned'][key]:.4f}")
-    Console().print(table)
-    Console().print(f"report: {r['report']}")
+    Console(soft_wrap=True).print(table)
+    Console(soft_wrap=True).print(f"report: {r['report']}")
 
 
 @app.command()
@@ -106,4 +104,4 @@ def push(run_dir: Path, repo: str = typer.Option(..., help="Hub repo id, e.g. yo
     from tuneforge.export.push import push as run_push
 
     r = run_push(str(run_dir), repo, what, private, log=console.print)
-    Console().print(f"pushed {len(r['files'])} files -> {r['url']}")
+    Console(soft_wrap=True).print(f"pushed {len(r['files'])} files -> {r['url']}")

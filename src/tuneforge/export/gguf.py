@@ -12,10 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
-from tuneforge.errors import ParityError, UserError
+from tuneforge.errors import UserError
 from tuneforge.export.gguf_writer import TYPES, write_gguf
-from tuneforge.outputs import check_output_dir, clear_output_dir, mark_output_dir
-from tuneforge.rundir import update_run_info, write_json
+from tuneforge.outputs import check_output_dir, mark_output_dir
+from tuneforge.rundir import write_json
 
 # Max |logit diff| relative to the largest |logit|, per type; plus the greedy answers must agree (see below).
 # q4_k_m: 0.19 (transformers) / 0.21 (llama.cpp) measured on the demo run (SmolLM2-135M + LoRA, whose 576-wide rows
@@ -82,12 +82,8 @@ def export_loaded(model, tokenizer, desc: dict, run_dir: Path, out_dir: Path, ft
     report["passed"] = passed(report, ftype)
     report["modelfile_template_matches"] = write_modelfile(tmp, gguf_file.name, tokenizer)
     write_json(tmp / "export_report.json", report)
-    clear_output_dir(out_dir, "gguf")
-    tmp.rename(out_dir)
-    if (run_dir / "run_info.json").is_file():
-        update_run_info(run_dir, **{f"gguf_{ftype}": {"dir": str(out_dir), **report}})
-    if not report["passed"]:
-        raise ParityError(f"GGUF {ftype} differs from the trained model: {failure(report, ftype)} (see {out_dir}/export_report.json)")
+    parity.publish(tmp, out_dir, run_dir, kind="gguf", info_key=f"gguf_{ftype}", report=report, report_file="export_report.json",
+                   what=f"GGUF {ftype}", failure=failure(report, ftype))
     return {**report, "out": str(out_dir), "path": str(out_dir / report["file"])}
 
 

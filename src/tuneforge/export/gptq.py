@@ -15,9 +15,9 @@ import random
 import shutil
 from pathlib import Path
 
-from tuneforge.errors import ParityError, UserError
-from tuneforge.outputs import check_output_dir, clear_output_dir, mark_output_dir
-from tuneforge.rundir import update_run_info, write_json
+from tuneforge.errors import UserError
+from tuneforge.outputs import check_output_dir, mark_output_dir
+from tuneforge.rundir import write_json
 
 METHODS = ("gptq",)
 BITS = (4, 8)
@@ -81,12 +81,8 @@ def quantize(path: str, out: str | None = None, method: str = "gptq", bits: int 
     write_card(tmp, run_dir, f"gptq {bits}-bit", {k: report[k] for k in keys},
                [f"Quantized with GPTQ ({report['library']}), {bits}-bit, group size {group_size}, on {len(calib)} "
                 f"samples of {calib_source}. Load with transformers + `pip install gptqmodel optimum`."])
-    clear_output_dir(out_dir, "gptq")
-    tmp.rename(out_dir)
-    if (run_dir / "run_info.json").is_file():
-        update_run_info(run_dir, **{f"gptq_{bits}bit": {"dir": str(out_dir), **report}})
-    if not report["passed"]:
-        raise ParityError(f"GPTQ model differs from the trained model: {failure(report)} (see {out_dir}/quantize_report.json)")
+    parity.publish(tmp, out_dir, run_dir, kind="gptq", info_key=f"gptq_{bits}bit", report=report, report_file="quantize_report.json",
+                   what="GPTQ model", failure=failure(report))
     return {**report, "out": str(out_dir)}
 
 

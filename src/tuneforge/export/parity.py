@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tuneforge.errors import ParityError
+from tuneforge.outputs import clear_output_dir
+from tuneforge.rundir import update_run_info
+
 PARITY_SAMPLES = "parity_samples.json"
 GREEDY_TOKENS = 24  # new tokens per held-out answer in every parity check
 DEFAULT_PROMPTS = ["Hello! Who are you?", "Summarise: the cat sat on the mat.", "List three colours."]
@@ -98,3 +102,15 @@ def greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: in
     from tuneforge.model.generate import generate_batch
 
     return generate_batch(model, tokenizer, conversations, max_new_tokens, batch_size=1)
+
+
+def publish(tmp: Path, out_dir: Path, run_dir: Path, *, kind: str, info_key: str, report: dict, report_file: str,
+            what: str, failure: str | None) -> None:
+    """Move a finished artifact into place and record it in the run, then fail loudly (exit 3) if its check did not
+    pass. The artifact stays either way: its report says what differs."""
+    clear_output_dir(out_dir, kind)
+    tmp.rename(out_dir)
+    if (run_dir / "run_info.json").is_file():
+        update_run_info(run_dir, **{info_key: {"dir": str(out_dir), **report}})
+    if failure:
+        raise ParityError(f"{what} differs from the trained model: {failure} (see {out_dir}/{report_file})")

@@ -66,7 +66,7 @@ def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None,
     from tuneforge.data.prepare import prepare
     from tuneforge.metrics import score
     from tuneforge.model.generate import generate_batch
-    from tuneforge.model.load import load_model, load_tokenizer
+    from tuneforge.model.load import load_model
     from tuneforge.model.trained import load_trained, to_best_device
 
     manager = lm_eval_tasks(lm_eval, lm_eval_include) if lm_eval else None
