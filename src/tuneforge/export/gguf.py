@@ -122,42 +122,49 @@ def llama_cpp_readback(gguf_file: Path, tokenizer, samples, ref_logits, prompts,
     import llama_cpp
     import numpy as np
     import torch
-    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from tuneforge.data.templates import stop_token_ids
     from tuneforge.export import parity
 
-    n_ctx = max(256, max(len(s) for s in samples) + 64)
-    # An f32 KV cache (llama.cpp defaults to f16): the check measures the file, not the cache's rounding.
-    f32 = llama_cpp.GGML_TYPE_F32
-    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0, type_k=f32, type_v=f32)
+    want = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for c in prompts]
+    n_ctx = max(256, max(map(len, samples + want)) + parity.GREEDY_TOKENS + 8)
+    f32 = llama_cpp.GGML_TYPE_F32  # an f32 KV cache (llama.cpp defaults to f16): the check measures the file, not the cache
+    try:
+        llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0, type_k=f32, type_v=f32)
+    except ValueError as exc:  # an architecture this llama.cpp build cannot load
+        return {"readback": f"unavailable: {exc}"}
     logits = []
     for ids in samples:
         llm.reset()
         llm.eval(ids)
         logits.append(torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))[None])
-    result = parity.compare(ref_logits, logits)
+    result = {**parity.compare(ref_logits, logits), "readback": "ok"}
     template = llm.metadata.get("tokenizer.chat_template")
     if template is None:
-        return {**result, "readback": "ok", "chat_template_embedded": False}
+        return {**result, "chat_template_embedded": False}
     special = {k: llm.detokenize([t], special=True).decode("utf-8", "replace") if t >= 0 else ""
                for k, t in (("bos_token", llm.token_bos()), ("eos_token", llm.token_eos()))}
     formatter = Jinja2ChatFormatter(template, **special)
-    want = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-            for c in prompts]
     got = [llm.tokenize(formatter(messages=c).prompt.encode("utf-8"), add_bos=False, special=True) for c in prompts]
-    stops, answers = set(stop_token_ids(tokenizer)), []
-    for ids in want:  # greedy from the trained prompt ids, so a template mismatch is reported once, above
-        out = []
-        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
-            if tok in stops or tok == llm.token_eos() or len(out) == parity.GREEDY_TOKENS:
-                break
-            out.append(tok)
-        answers.append(tokenizer.decode(out, skip_special_tokens=True).strip())
-    return {**result, "readback": "ok", "chat_template_embedded": template == tokenizer.chat_template,
-            "prompt_ids_equal": got == want, "answer_agreement": sum(a == b for a, b in zip(ref_answers, answers)) / max(1, len(answers)),
+    # Greedy from the trained prompt ids, so a template mismatch is reported once, by prompt_ids_equal.
+    answers = [llama_cpp_greedy(llm, ids, tokenizer) for ids in want]
+    return {**result, "chat_template_embedded": template == tokenizer.chat_template, "prompt_ids_equal": got == want,
+            "answer_agreement": sum(a == b for a, b in zip(ref_answers, answers)) / max(1, len(answers)),
             "answers": [{"trained": a, "llama_cpp": b} for a, b in zip(ref_answers, answers)]}
+
+
+def llama_cpp_greedy(llm, prompt_ids: list[int], tokenizer) -> str:
+    """Greedy tokens from llama.cpp until a stop token of the chat template, decoded like `generate_batch` does."""
+    from tuneforge.data.templates import stop_token_ids
+    from tuneforge.export.parity import GREEDY_TOKENS
+
+    stops, out = {*stop_token_ids(tokenizer), llm.token_eos()}, []
+    for tok in llm.generate(prompt_ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+        if tok in stops or len(out) == GREEDY_TOKENS:
+            break
+        out.append(tok)
+    return tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
 def passed(report: dict, ftype: str) -> bool:

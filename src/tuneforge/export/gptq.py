@@ -57,12 +57,14 @@ def quantize(path: str, out: str | None = None, method: str = "gptq", bits: int 
     source = out_dir.with_name(out_dir.name + ".source.tmp")
     for folder in (tmp, source):
         shutil.rmtree(folder, ignore_errors=True)
-    model.cpu().save_pretrained(source, safe_serialization=True)
-    tokenizer.save_pretrained(source)
-    del model
-    log(f"GPTQ {bits}-bit, group size {group_size}: {len(calib)} calibration samples from {calib_source}")
-    run_gptq(source, tmp, bits, group_size, calib)
-    shutil.rmtree(source, ignore_errors=True)
+    try:  # the full-precision copy GPTQModel reads is as large as the model: never left behind
+        model.cpu().save_pretrained(source, safe_serialization=True)
+        tokenizer.save_pretrained(source)
+        del model
+        log(f"GPTQ {bits}-bit, group size {group_size}: {len(calib)} calibration samples from {calib_source}")
+        run_gptq(source, tmp, bits, group_size, calib)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
     mark_output_dir(tmp, "gptq", source=str(run_dir), bits=bits)
     tokenizer.save_pretrained(tmp)  # the training tokenizer and chat template, not the library's copy
     from tuneforge.export.merge import write_generation_config
