@@ -37,8 +37,8 @@ $(GPTQ_VENV)/.installed: pyproject.toml requirements-lock.txt
 llama-cpp: $(VENV)/.llama-cpp
 
 $(VENV)/.llama-cpp: $(STAMP)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[llamacpp]'
-	touch $@
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q torch==2.13.0 -c requirements-lock.txt -e '.[llamacpp]' \
+	  && touch $@ || echo "warning: llama-cpp-python did not build (it needs cmake and a C++ compiler); the llama.cpp reader tests will say so and skip"
 
 $(DEMO_MODEL):
 	mkdir -p .cache/models .cache/wheels
