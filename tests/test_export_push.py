@@ -42,3 +42,8 @@ def test_push_errors_are_one_line(tmp_path, llama_dir):
     run = make_run(tmp_path / "run", llama_dir)
     assert_user_error(run_cli("push", run, "--repo", "me/x", "--what", "gguf", env={"HF_TOKEN": "hf_fake"}), "no GGUF export")
     assert_user_error(run_cli("push", run, "--repo", "me/x", "--what", "merged", env={"HF_TOKEN": "hf_fake"}), "tuneforge merge")
+    for folder in ("gguf-f16", "gguf-q8_0"):  # two exports of one kind: which to push is the user's call, not a guess
+        (run / folder).mkdir()
+        (run / folder / f"run-{folder}.gguf").write_bytes(b"GGUF")
+    assert_user_error(run_cli("push", run, "--repo", "me/x", "--what", "gguf", env={"HF_TOKEN": "hf_fake"}),
+                      "several GGUF exports (gguf-f16, gguf-q8_0)")

@@ -31,15 +31,12 @@ def artifact_dir(run_dir: Path, what: str) -> Path:
     if what == "gptq":
         return one_export(run_dir, sorted(p.parent for p in run_dir.glob("gptq-*/quantize_report.json")), "GPTQ model",
                           f"tuneforge quantize {run_dir} --method gptq")
-    found = sorted(run_dir.glob("gguf-*/*.gguf"))
-    if not found:
-        raise UserError(f"{run_dir}: no GGUF export (run `tuneforge export {run_dir} --format gguf` first)")
-    if len({f.parent for f in found}) > 1:
-        raise UserError(f"{run_dir}: several GGUF exports ({', '.join(sorted({f.parent.name for f in found}))}); keep one or push it as a folder")
-    return found[0].parent
+    return one_export(run_dir, sorted({p.parent for p in run_dir.glob("gguf-*/*.gguf")}), "GGUF export",
+                      f"tuneforge export {run_dir} --format gguf")
 
 
 def one_export(run_dir: Path, folders: list[Path], what: str, command: str) -> Path:
+    """The one export folder of its kind in the run (a GGUF or GPTQ folder per type/bits may exist: never guess)."""
     if not folders:
         raise UserError(f"{run_dir}: no {what} (run `{command}` first)")
     if len(folders) > 1:
