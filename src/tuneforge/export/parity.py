@@ -56,21 +56,6 @@ def compare(reference, other) -> dict:
             "samples": len(reference)}
 
 
-def perplexity(model, samples: list[list[int]]) -> float:
-    """exp(mean next-token cross-entropy) over all positions of the samples."""
-    import math
-
-    import torch
-
-    total, count = 0.0, 0
-    for s, out in zip(samples, logits(model, samples)):
-        if len(s) < 2:
-            continue
-        total += torch.nn.functional.cross_entropy(out[0, :-1], torch.tensor(s[1:]), reduction="sum").item()
-        count += len(s) - 1
-    return math.exp(total / max(1, count))
-
-
 def target_loss(model, items: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
     """(sum of next-token CE over labelled positions, number of those positions); labels IGNORE elsewhere.
 
