@@ -55,6 +55,7 @@ def _is_local(path: str) -> bool:
 class ModelConfig(Section):
     path: str = Field(description="Base model: a local HF directory, a .gguf file, or a hub id (org/name).")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) when `path` is a hub id.")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer to use instead of the one in `path`: a local tokenizer folder or a hub id (default: `path`).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto = bf16 on a capable GPU, fp32 on CPU."
     )
@@ -73,7 +74,7 @@ class ModelConfig(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the 4-bit matmuls; auto = bf16 on a capable GPU, fp32 on CPU.")
     device_map: Optional[Literal["auto"]] = Field(None, description="auto = split one model too large for one GPU over this machine's GPUs (one process; LoRA/QLoRA).")
 
-    _path = field_validator("path", mode="before")(plain_path)
+    _path = field_validator("path", "tokenizer", mode="before")(plain_path)
 
     @model_validator(mode="after")
     def _revision_needs_hub(self) -> "ModelConfig":
