@@ -384,6 +384,57 @@ class TrackingConfig(Section):
     mlflow: Optional[MlflowConfig] = Field(None, description="Log to MLflow (opt-in; a file:// uri needs no server).")
 
 
+GPTQ_GROUP_SIZES = (-1, 32, 64, 128, 256)  # what GPTQ kernels run (export/gptq.py checks the same)
+HUB_REPO = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+class QuantizeAfter(Section):
+    """GPTQ-quantize the trained model at the end of training, as `tuneforge quantize` does."""
+
+    method: Literal["gptq"] = Field("gptq", description="Quantization method: gptq (GPTQModel; pip install 'tuneforge[gptq]').")
+    bits: Literal[4, 8] = Field(4, description="Bits per weight: 4 or 8.")
+    group_size: int = Field(128, description="Weights sharing one scale: 32, 64, 128, 256, or -1 (one group per row).")
+    calibration: Optional[str] = Field(None, description="Calibration data file (default: the run's own training data).")
+    samples: int = Field(128, ge=1, le=100_000, description="Calibration samples to draw.")
+
+    _calibration = field_validator("calibration", mode="before")(plain_path)
+
+    @field_validator("group_size")
+    @classmethod
+    def _kernel_group(cls, v):
+        if v not in GPTQ_GROUP_SIZES:
+            raise ValueError(f"{v}: use 32, 64, 128 or 256 (or -1 for one group per row)")
+        return v
+
+
+class ExportConfig(Section):
+    """What happens after a finished training run, in this order: merge -> quantize -> push (main process only)."""
+
+    merge: bool = Field(False, description="Fuse the LoRA adapter into full weights at the end of training (RUN_DIR/merged, as `tuneforge merge`).")
+    quantize: Optional[QuantizeAfter] = Field(None, description="GPTQ-quantize the trained model at the end of training (RUN_DIR/gptq-<bits>bit).")
+    hub_repo: Optional[str] = Field(None, description="Push to this Hugging Face Hub repo (you/name) at the end of training; token from HF_TOKEN.")
+    hub_push: Literal["auto", "adapter", "merged", "gptq"] = Field(
+        "auto", description="What to push: auto = the last artifact made (gptq, else merged, else the adapter or full model).")
+    hub_private: bool = Field(True, description="Create the hub repo private (an existing repo keeps its visibility).")
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _repo_id(cls, v):
+        if v is not None and (not HUB_REPO.match(v) or "--" in v or ".." in v):
+            raise ValueError(f"{v!r} is not a hub repo id (write it as owner/name, e.g. me/my-model)")
+        return v
+
+    @model_validator(mode="after")
+    def _push_has_its_artifact(self) -> "ExportConfig":
+        if self.hub_repo is None and self.chosen() & {"hub_push", "hub_private"}:
+            raise ValueError(f"export.{sorted(self.chosen() & {'hub_push', 'hub_private'})[0]} applies to a push: set export.hub_repo (or remove it)")
+        if self.hub_push == "merged" and not self.merge:
+            raise ValueError("export.hub_push: merged needs export.merge: true (nothing would be merged to push)")
+        if self.hub_push == "gptq" and self.quantize is None:
+            raise ValueError("export.hub_push: gptq needs export.quantize (nothing would be quantized to push)")
+        return self
+
+
 class Config(Section):
     """A tuneforge run: model, data, train, adapter, output, tracking."""
 
@@ -394,6 +445,7 @@ class Config(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference-training parameters (train.method dpo, orpo, simpo, kto).")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="After a finished run: merge, GPTQ-quantize, push to the hub.")
     # Where the config was read from (set by load_config): its folder is never overwritten by a run.
     _config_path: Optional[Path] = PrivateAttr(None)
 
@@ -447,6 +499,17 @@ class Config(Section):
             raise ValueError("preference.reference: adapter_disabled needs train.finetune: lora (use frozen_copy or precomputed)")
         if self.data.clean.max_per_cluster and not self.data.clean.clusters:
             raise ValueError("data.clean.max_per_cluster needs data.clean.clusters (the number of clusters)")
+        return self
+
+    @model_validator(mode="after")
+    def _export_fits(self) -> "Config":
+        # Checked before training: a step that cannot run must not be found out after an hour of training.
+        lora = self.train.finetune == "lora"
+        if self.export.merge and not lora:
+            raise ValueError(f"export.merge fuses a LoRA adapter; train.finetune: {self.train.finetune} saves full weights "
+                             "already (remove export.merge)")
+        if self.export.hub_push == "adapter" and self.export.hub_repo and not lora:
+            raise ValueError(f"export.hub_push: adapter needs train.finetune: lora (a {self.train.finetune} run has no adapter; use auto)")
         return self
 
     @property
