@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -33,6 +34,22 @@ SQL_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".sql")
 ENV_REF = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
+@dataclass(frozen=True)
+class PathField:
+    """Marks a field whose value names a file, folder or URI: `x: Annotated[Optional[str], PathField(...)] = Field(...)`.
+
+    EVERY path-like field MUST carry it. The job server finds a job's paths by this marker alone (config/confine.py walks
+    the schema), resolves them and refuses any that leaves the user's workspace; an unmarked path field would let a
+    job of a shared server read or write anywhere (tests/test_serve_guest.py fails on a path-like field without it).
+    role: read (an input; a hub id when no such file exists), write (a folder the run writes), uri (file:PATH or a URL).
+    when: a path only when the value ends with one of these suffixes (otherwise a name or inline text).
+    contents: json = a JSON file whose own *_path / *_dir / *_file values are paths too (DeepSpeed)."""
+
+    role: Literal["read", "write", "uri"] = "read"
+    when: Optional[tuple[str, ...]] = None
+    contents: Optional[Literal["json"]] = None
+
+
 def plain_path(value):
     """A path as the schema takes it: not empty, no `${VAR}` left. The CLI expands variables when it reads a
     config file (config.load); a config that arrives any other way (the job API) must not reach the
@@ -53,9 +70,9 @@ def _is_local(path: str) -> bool:
 
 
 class ModelConfig(Section):
-    path: str = Field(description="Base model: a local HF directory, a .gguf file, or a hub id (org/name).")
+    path: Annotated[str, PathField()] = Field(description="Base model: a local HF directory, a .gguf file, or a hub id (org/name).")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) when `path` is a hub id.")
-    tokenizer: Optional[str] = Field(None, description="Tokenizer to use instead of the one in `path`: a local tokenizer folder or a hub id (default: `path`).")
+    tokenizer: Annotated[Optional[str], PathField()] = Field(None, description="Tokenizer to use instead of the one in `path`: a local tokenizer folder or a hub id (default: `path`).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto = bf16 on a capable GPU, fp32 on CPU."
     )
@@ -63,7 +80,7 @@ class ModelConfig(Section):
         "auto", description="Attention kernel; auto = sdpa (flash_attention_2 needs a GPU and flash-attn)."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (off unless you trust it).")
-    chat_template: Optional[str] = Field(
+    chat_template: Annotated[Optional[str], PathField(when=(".jinja", ".j2"))] = Field(
         None, description="Override the tokenizer's chat template: a built-in name (chatml, llama3, alpaca, ...), a .jinja file, or a jinja string."
     )
     pad_token: Optional[str] = Field(None, description="Pad token to use when the tokenizer has none (default: its EOS token).")
@@ -90,7 +107,7 @@ DEFAULT_REFUSALS = [
 
 
 class DatasetSpec(Section):
-    path: Optional[str] = Field(None, description="A file (.jsonl .json .csv .tsv .parquet .txt .html .db .sql), a directory, a save_to_disk dir, or a hub dataset id.")
+    path: Annotated[Optional[str], PathField()] = Field(None, description="A file (.jsonl .json .csv .tsv .parquet .txt .html .db .sql), a directory, a save_to_disk dir, or a hub dataset id.")
     custom: Optional[str] = Field(None, description="A registered custom dataset name or 'module:attr' (instead of path).")
     options: dict = Field(default_factory=dict, description="Keyword options passed to a custom dataset.")
     format: Literal["auto", "messages", "alpaca", "sharegpt", "input_output", "text", "oasst", "preference", "tool_calls", "kto"] = Field(
@@ -173,7 +190,7 @@ class DataConfig(Section):
     pair_truncation: Literal["completion_first", "prompt_first"] = Field(
         "completion_first", description="Preference pairs / KTO rows longer than max_length: completion_first keeps the prompt "
         "and cuts the completions' ends; prompt_first first drops the prompt's oldest tokens (down to max_length/2).")
-    cache_dir: str = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
+    cache_dir: Annotated[str, PathField("write")] = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for the train/eval split.")
     allow_code: bool = Field(False, description="Let `custom: 'module:attr'` import and run Python code named by this config "
                              "(such a config is code: only enable for configs you trust; or set TUNEFORGE_ALLOW_CODE=1).")
@@ -233,7 +250,7 @@ class LoraConfig(Section):
     dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (a trained magnitude per output).")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained fully and saved with the adapter (e.g. lm_head, embed_tokens).")
     layers_to_transform: Optional[list[int]] = Field(None, description="Adapt only these decoder layer indices (default: all).")
-    init_from: Optional[str] = Field(None, description="Start from an existing LoRA adapter directory (its adapter_config decides r, targets, ...).")
+    init_from: Annotated[Optional[str], PathField()] = Field(None, description="Start from an existing LoRA adapter directory (its adapter_config decides r, targets, ...).")
 
     @field_validator("target_modules")
     @classmethod
@@ -292,7 +309,7 @@ class TrainConfig(Section):
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for init, data order and dropout.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto = bf16 on a capable GPU, none on CPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory by recomputing activations.")
-    deepspeed: Optional[str] = Field(None, description=f"DeepSpeed ZeRO through accelerate: a preset ({', '.join(DEEPSPEED_PRESETS)}) or a DeepSpeed JSON file.")
+    deepspeed: Annotated[Optional[str], PathField(when=(".json",), contents="json")] = Field(None, description=f"DeepSpeed ZeRO through accelerate: a preset ({', '.join(DEEPSPEED_PRESETS)}) or a DeepSpeed JSON file.")
     fsdp: bool = Field(False, description="Shard weights, gradients and optimizer state with PyTorch FSDP2 through accelerate (GPUs).")
     log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
     eval_every: Optional[int] = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
@@ -360,7 +377,7 @@ class PreferenceConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str = Field("runs/run", description="Run directory: config, metrics, checkpoints and the final adapter/model.")
+    dir: Annotated[str, PathField("write")] = Field("runs/run", description="Run directory: config, metrics, checkpoints and the final adapter/model.")
     overwrite: bool = Field(False, description="Allow training into a directory that already holds a finished run.")
 
     _dir = field_validator("dir", mode="before")(plain_path)
@@ -373,7 +390,7 @@ class WandbConfig(Section):
 
 
 class MlflowConfig(Section):
-    uri: str = Field("file:./mlruns", description="Tracking URI: a server URL or file:PATH for a local store.")
+    uri: Annotated[str, PathField("uri")] = Field("file:./mlruns", description="Tracking URI: a server URL or file:PATH for a local store.")
     experiment: str = Field("tuneforge", description="Experiment name.")
 
 
@@ -394,7 +411,7 @@ class QuantizeAfter(Section):
     method: Literal["gptq"] = Field("gptq", description="Quantization method: gptq (GPTQModel; pip install 'tuneforge[gptq]').")
     bits: Literal[4, 8] = Field(4, description="Bits per weight: 4 or 8.")
     group_size: int = Field(128, description="Weights sharing one scale: 32, 64, 128, 256, or -1 (one group per row).")
-    calibration: Optional[str] = Field(None, description="Calibration data file (default: the run's own training data).")
+    calibration: Annotated[Optional[str], PathField()] = Field(None, description="Calibration data file (default: the run's own training data).")
     samples: int = Field(128, ge=1, le=100_000, description="Calibration samples to draw.")
 
     _calibration = field_validator("calibration", mode="before")(plain_path)
