@@ -44,6 +44,15 @@ def tokenizer(llama_dir):
     return PreTrainedTokenizerFast.from_pretrained(llama_dir)
 
 
+@pytest.fixture
+def fake_hub(tmp_path):
+    """A local Hugging Face Hub (tests/fake_hub.py); give child processes `fake_hub.env()`."""
+    from fake_hub import FakeHub
+
+    with FakeHub(tmp_path / "hub") as hub:
+        yield hub
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "tfhome"))

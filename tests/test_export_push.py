@@ -1,41 +1,55 @@
-"""push: exactly these files and this card would be uploaded; the upload is faked at huggingface_hub's HfApi."""
+"""push: `tuneforge push` against a local Hub at the HTTP boundary (tests/fake_hub.py): the files that arrive are
+byte-identical to the run's, with the card; the token travels only in the Authorization header; a hub that cannot be
+reached or refuses the token is one line, exit 2."""
 
-import pytest
+import socket
 
 from helpers import assert_user_error, run_cli
 from test_export_merge import make_run
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    from huggingface_hub import HfApi
-
-    calls = {}
-    monkeypatch.setenv("HF_TOKEN", "hf_fake")
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", (repo_id, kw)) and f"https://hf.co/{repo_id}")
-    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: calls.setdefault("ops", list(operations)))
-    return calls
-
-
-def test_push_adapter_and_merged_file_lists_and_card(tmp_path, llama_dir, fake_hub):
+def test_push_adapter_and_merged_arrive_byte_identical(tmp_path, llama_dir, fake_hub):
     from tuneforge.export.merge import merge
-    from tuneforge.export.push import push
 
     run = make_run(tmp_path / "run", llama_dir)
-    r = push(str(run), "me/tiny-lora", "adapter", private=True, log=lambda *_: None)
-    assert fake_hub["repo"] == ("me/tiny-lora", {"private": True, "exist_ok": True})
-    names = sorted(op.path_in_repo for op in fake_hub["ops"])
-    assert names == r["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
-                                   "tokenizer_config.json"]
-    card = next(op for op in fake_hub["ops"] if op.path_in_repo == "README.md").path_or_fileobj.decode()
+    proc = run_cli("push", run, "--repo", "me/tiny-lora", "--private", env=fake_hub.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pushed = fake_hub.files("me/tiny-lora")
+    assert sorted(pushed) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
+                              "tokenizer_config.json"]
+    for name in set(pushed) - {"README.md"}:
+        assert pushed[name] == (run / "final" / name).read_bytes(), name
+    card = pushed["README.md"].decode()
     assert f"base_model: {llama_dir}" in card and "0123456789abcdef" in card and "| method | lora |" in card
+    assert fake_hub.repos[("model", "me/tiny-lora")] == {"private": True, "commits": ["tuneforge push: adapter from run"]}
+    assert fake_hub.authorizations() == {f"Bearer {fake_hub.token}"}  # every call carried the token, and only it
 
-    fake_hub.clear()
     merge(str(run), log=lambda *_: None)
-    push(str(run), "me/tiny-merged", "merged", log=lambda *_: None)
-    names = {op.path_in_repo for op in fake_hub["ops"]}
-    assert {"config.json", "model.safetensors", "generation_config.json", "merge_report.json", "README.md"} <= names
-    assert ".tuneforge.json" not in names and not any("adapter" in n for n in names)
+    proc = run_cli("push", run, "--repo", "me/tiny-merged", "--what", "merged", env=fake_hub.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pushed = fake_hub.files("me/tiny-merged")
+    assert {"config.json", "model.safetensors", "generation_config.json", "merge_report.json", "README.md"} <= set(pushed)
+    assert ".tuneforge.json" not in pushed and not any("adapter" in n for n in pushed)
+    assert pushed["model.safetensors"] == (run / "merged" / "model.safetensors").read_bytes()
+    assert not fake_hub.repos[("model", "me/tiny-merged")]["private"]  # the CLI's default: public unless --private
+    assert fake_hub.token not in "".join(p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file())
+
+
+def test_unreachable_hub_and_refused_token_are_one_line(tmp_path, llama_dir, fake_hub):
+    run = make_run(tmp_path / "run", llama_dir)
+    with socket.socket() as s:  # a port nobody listens on: connection refused, as with no network
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    proc = run_cli("push", run, "--repo", "me/x", env={**fake_hub.env(), "HF_ENDPOINT": dead})
+    assert_user_error(proc, f"cannot reach the Hugging Face Hub at {dead}", "HF_ENDPOINT")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written, nothing lost
+
+    assert_user_error(run_cli("push", run, "--repo", "me/x", env=fake_hub.env(token="hf_wrong")),
+                      f"{fake_hub.url} refused the token for me/x (HTTP 401)", "HF_TOKEN")
+    assert_user_error(run_cli("push", run, "--repo", "me/x", env={**fake_hub.env(), "HF_HUB_OFFLINE": "1"}), "unset HF_HUB_OFFLINE")
+    assert not fake_hub.files("me/x") and ("model", "me/x") not in fake_hub.repos
 
 
 def test_push_errors_are_one_line(tmp_path, llama_dir):
@@ -47,3 +61,4 @@ def test_push_errors_are_one_line(tmp_path, llama_dir):
         (run / folder / f"run-{folder}.gguf").write_bytes(b"GGUF")
     assert_user_error(run_cli("push", run, "--repo", "me/x", "--what", "gguf", env={"HF_TOKEN": "hf_fake"}),
                       "several GGUF exports (gguf-f16, gguf-q8_0)")
+
