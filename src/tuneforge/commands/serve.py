@@ -1,4 +1,4 @@
-"""`tuneforge config import`, `tuneforge serve` (+ `serve token create`), `tuneforge launch`."""
+"""`tuneforge config import`, `tuneforge serve` (+ `serve token create | list | revoke`), `tuneforge launch`."""
 
 from __future__ import annotations
 
@@ -48,31 +48,84 @@ def serve(ctx: typer.Context, host: str = typer.Option("127.0.0.1", help="Interf
           port: int = typer.Option(8000, help="TCP port."), data_dir: Path = DataDirOpt, db: Optional[str] = DbOpt,
           concurrency: Optional[int] = typer.Option(None, help="Jobs run at once (default: one per visible GPU, one on CPU)."),
           max_body: int = typer.Option(1 << 20, help="Largest accepted request body in bytes (larger: 413)."),
-          gpus_per_job: int = typer.Option(1, min=1, help="GPUs per job (N > 1: `tuneforge train --nproc N`).")):
+          gpus_per_job: int = typer.Option(1, min=1, help="GPUs per job (N > 1: `tuneforge train --nproc N`)."),
+          max_jobs_per_user: int = typer.Option(20, min=1, help="Unfinished jobs (queued or running) one user may have; more: 429."),
+          max_checkpoints: int = typer.Option(200, min=1, help="Checkpoints one job may write (train.max_steps / train.save_every); more: 422."),
+          max_num_proc: Optional[int] = typer.Option(None, min=1, help="Largest data.num_proc a job may ask for (default: this machine's cores)."),
+          disk_quota: Optional[str] = typer.Option(None, help="Disk per user workspace, checkpoints included, e.g. 50G (default: no quota)."),
+          page_size: int = typer.Option(50, min=1, max=200, help="Jobs per page of GET /v1/jobs when the request gives no ?limit=."),
+          docs: bool = typer.Option(False, "--docs", help="Serve the interactive API docs at /docs (they load Swagger UI from a CDN).")):
     """Serve the job API: POST /v1/jobs, GET /v1/jobs[/ID[/logs]], POST /v1/jobs/ID/cancel, artifacts."""
     if ctx.invoked_subcommand is not None:
         return
     import uvicorn
 
     from tuneforge.serve.api import create_app
+    from tuneforge.serve.limits import Limits, parse_size
     from tuneforge.serve.worker import default_concurrency
 
+    limits = Limits(max_jobs=max_jobs_per_user, max_checkpoints=max_checkpoints, page_size=page_size,
+                    disk_quota=parse_size(disk_quota) if disk_quota else None)
+    if max_num_proc:
+        limits.max_num_proc = max_num_proc
     application = create_app(data_dir, db, concurrency or max(1, default_concurrency() // gpus_per_job), max_body,
-                             gpus_per_job=gpus_per_job)
+                             gpus_per_job=gpus_per_job, limits=limits, docs=docs)
     console.print(f"tuneforge serve: http://{host}:{port}  data: {data_dir.resolve()}")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 @token_app.command("create")
 def token_create(user: str = typer.Option(..., "--user", help="The user the token acts as."),
+                 expires: Optional[str] = typer.Option(None, "--expires", help="When it stops working: 30d, 12h, 2w or a date (2027-01-31)."),
                  data_dir: Path = DataDirOpt, db: Optional[str] = DbOpt):
     """Create an API token for USER; it is printed once and stored only as a hash."""
     from tuneforge.serve.auth import create_token
+    from tuneforge.serve.limits import parse_expires
     from tuneforge.serve.store import Store
 
-    token = create_token(Store(data_dir, db), user)
+    expires_at = parse_expires(expires) if expires else None
+    token = create_token(Store(data_dir, db), user, expires_at)
     Console().print(token, highlight=False, soft_wrap=True)
-    console.print(f"token for {user!r} created (shown once; send it as 'Authorization: Bearer <token>')")
+    until = f", expires {_when(expires_at)}" if expires_at else ""
+    console.print(f"token for {user!r} created (shown once{until}; send it as 'Authorization: Bearer <token>')")
+
+
+def _when(ts: float | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if ts else "never"
+
+
+@token_app.command("list")
+def token_list(user: Optional[str] = typer.Option(None, "--user", help="Only this user's tokens."),
+               data_dir: Path = DataDirOpt, db: Optional[str] = DbOpt):
+    """List tokens (id, user, created, expires, state); the tokens themselves are never stored."""
+    import time
+
+    from tuneforge.serve.store import Store
+
+    rows = Store(data_dir, db).tokens(user)
+    print(f"{'id':>4}  {'user':<20} {'created':<20} {'expires':<20} state")
+    for t in rows:
+        print(f"{t.id:>4}  {t.user:<20} {_when(t.created_at):<20} {_when(t.expires_at):<20} {t.state(time.time())}")
+    if not rows:
+        console.print("no tokens" + (f" for {user!r}" if user else ""))
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: Optional[int] = typer.Argument(None, help="The token's id (see `serve token list`)."),
+                 user: Optional[str] = typer.Option(None, "--user", help="Revoke every live token of this user instead."),
+                 data_dir: Path = DataDirOpt, db: Optional[str] = DbOpt):
+    """Revoke a token (or all of a user's): requests with it get 401 from the next one on."""
+    from tuneforge.serve.store import Store
+
+    if (token_id is None) == (user is None):
+        raise UserError("serve token revoke: give a token id or --user NAME (one of them)")
+    n = Store(data_dir, db).revoke_tokens(token_id, user)
+    if n == 0:
+        what = f"token {token_id}" if token_id is not None else f"user {user!r}"
+        raise UserError(f"serve token revoke: {what} has no live token (see `tuneforge serve token list`)")
+    console.print(f"revoked {n} token{'s' if n != 1 else ''}")
 
 
 @app.command()

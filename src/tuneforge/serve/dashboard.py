@@ -3,11 +3,16 @@
 One server-rendered page with plain JavaScript and inline SVG charts: no build step, no CDN, nothing
 fetched from outside the server (the page works on an air-gapped cluster). It talks to the same JSON
 API as any client, with the bearer token the user pastes once (kept in the browser's localStorage).
+Its Content-Security-Policy allows exactly its own inline script and style (by SHA-256), nothing else:
+no inline `style=`/`on*=` attributes, no eval, no other origin.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +69,7 @@ tr.job{cursor:pointer} tr.job:hover,tr.sel{background:#f0f6ff}
 textarea{width:100%;height:11em;font-family:ui-monospace,monospace;font-size:.85em}
 pre{background:#f6f8fa;padding:.6em;max-height:16em;overflow:auto;font-size:.8em;white-space:pre-wrap}
 button{cursor:pointer} .err{color:#cf222e} svg{background:#fff;border:1px solid #eaeef2}
+.k-train{color:#0969da} .k-eval{color:#cf222e}
 </style></head><body>
 <header><h1>tuneforge — jobs</h1>
 <label>token <input id="token" type="password" placeholder="bearer token (tuneforge serve token create)"></label>
@@ -80,7 +86,7 @@ button{cursor:pointer} .err{color:#cf222e} svg{background:#fff;border:1px solid 
 <section id="detail"><h2>Job <span id="d-id">—</span> <span id="d-status" class="st"></span></h2>
 <p id="d-progress"></p>
 <svg id="chart" width="560" height="240" role="img" aria-label="loss curve"></svg>
-<p><span style="color:#0969da">■</span> train loss <span style="color:#cf222e">■</span> eval loss</p>
+<p><span class="k-train">■</span> train loss <span class="k-eval">■</span> eval loss</p>
 <h2>Log</h2><pre id="log"></pre></section>
 </div>
 </main>
@@ -100,7 +106,7 @@ async function api(path, opts = {}) {
 function cell(text) { const td = document.createElement("td"); td.textContent = text; return td; }
 async function refresh() {
   try {
-    const {jobs} = await api("/v1/jobs");
+    const {jobs} = await api("/v1/jobs?newest_first=true");
     const body = $("jobs"); body.replaceChildren();
     for (const j of jobs) {
       const tr = document.createElement("tr"); tr.className = "job" + (j.id === selected ? " sel" : "");
@@ -163,3 +169,16 @@ $("submit").onclick = async () => {
 refresh(); setInterval(refresh, 1500);
 </script></body></html>
 """
+
+
+def _csp(page: str) -> str:
+    """The page's policy: its one inline <script> and <style> by hash; API calls to this origin only."""
+    def digest(tag: str) -> str:
+        body = re.search(f"<{tag}>(.*?)</{tag}>", page, re.S).group(1)
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+PAGE_CSP = _csp(PAGE)

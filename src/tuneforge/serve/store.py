@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, event, select, update
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, event, func, inspect, select, text, update
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from tuneforge.errors import UserError
@@ -22,6 +22,7 @@ from tuneforge.errors import UserError
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, NEEDS_CREDENTIALS = (
     "queued", "running", "finished", "failed", "cancelled", "needs_credentials")
 TERMINAL = (FINISHED, FAILED, CANCELLED)
+UNFINISHED = (QUEUED, NEEDS_CREDENTIALS, RUNNING)
 
 
 class Base(DeclarativeBase):
@@ -65,6 +66,24 @@ class Token(Base):
     user: Mapped[str] = mapped_column(String(64), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # None: never
+    revoked_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+
+    def state(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.expires_at is not None and self.expires_at <= now else "active"
+
+
+class Heartbeat(Base):
+    """One row the health check rewrites: proof that the job store still takes writes."""
+    __tablename__ = "heartbeat"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float)
+
+
+class QuotaExceeded(Exception):
+    pass
 
 
 class Store:
@@ -88,13 +107,37 @@ class Store:
                 cur.close()
         try:
             Base.metadata.create_all(self.engine)
+            self._add_token_columns()
         except OperationalError as exc:
             raise UserError(f"--db {self.url}: cannot open the job store ({str(exc.orig).splitlines()[0]})") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
+    def _add_token_columns(self) -> None:
+        """A job store made before tokens could expire or be revoked gains those (nullable) columns."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("tokens")}
+        with self.engine.begin() as conn:
+            for name in ("expires_at", "revoked_at"):
+                if name not in have:
+                    conn.execute(text(f"ALTER TABLE tokens ADD COLUMN {name} FLOAT"))
+
+    def writable(self) -> str | None:
+        """None when a write commits; else why not (read-only file, disk full, database gone)."""
+        try:
+            with self.session.begin() as s:
+                s.merge(Heartbeat(id=1, at=time.time()))
+        except SQLAlchemyError as exc:
+            return str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+        return None
+
     # ---- jobs ----------------------------------------------------------------------------------------
-    def add_job(self, **fields) -> Job:
+    def add_job(self, max_unfinished: int | None = None, **fields) -> Job:
+        """Queue a job; with `max_unfinished`, raise QuotaExceeded when its user already has that many unfinished."""
         with self.session.begin() as s:
+            if max_unfinished is not None:
+                have = s.scalar(select(func.count()).select_from(Job).where(
+                    Job.user == fields["user"], Job.status.in_(UNFINISHED)))
+                if have >= max_unfinished:
+                    raise QuotaExceeded(have)
             seq = (s.scalar(select(Job.seq).order_by(Job.seq.desc()).limit(1)) or 0) + 1
             job = Job(id=fields.pop("id", None) or uuid.uuid4().hex[:16], seq=seq, created_at=time.time(), **fields)
             s.add(job)
@@ -104,13 +147,19 @@ class Store:
         with self.session() as s:
             return s.get(Job, job_id)
 
-    def jobs(self, user: str | None = None, status: str | None = None) -> list[Job]:
+    def jobs(self, user: str | None = None, status: str | None = None, limit: int | None = None,
+             after: int | None = None, newest_first: bool = False) -> list[Job]:
+        """Jobs in submission order (or newest first); `after` is the `seq` where the previous page ended."""
         with self.session() as s:
-            q = select(Job).order_by(Job.seq)
+            q = select(Job).order_by(Job.seq.desc() if newest_first else Job.seq)
             if user is not None:
                 q = q.where(Job.user == user)
             if status is not None:
                 q = q.where(Job.status == status)
+            if after is not None:
+                q = q.where(Job.seq < after if newest_first else Job.seq > after)
+            if limit is not None:
+                q = q.limit(limit)
             return list(s.scalars(q))
 
     def run_id_taken(self, user: str, run_id: str) -> Job | None:
@@ -131,13 +180,31 @@ class Store:
                     if j.id not in exclude]
 
     # ---- tokens --------------------------------------------------------------------------------------
-    def add_token(self, user: str, token_hash: str) -> None:
+    def add_token(self, user: str, token_hash: str, expires_at: float | None = None) -> Token:
         with self.session.begin() as s:
-            s.add(Token(user=user, token_hash=token_hash, created_at=time.time()))
+            token = Token(user=user, token_hash=token_hash, created_at=time.time(), expires_at=expires_at)
+            s.add(token)
+        return token
 
     def user_for_hash(self, token_hash: str) -> str | None:
+        """The user of a live token (not revoked, not expired), read from the database on every request."""
+        now = time.time()
         with self.session() as s:
-            return s.scalar(select(Token.user).where(Token.token_hash == token_hash))
+            return s.scalar(select(Token.user).where(
+                Token.token_hash == token_hash, Token.revoked_at.is_(None),
+                (Token.expires_at.is_(None)) | (Token.expires_at > now)))
+
+    def tokens(self, user: str | None = None) -> list[Token]:
+        with self.session() as s:
+            q = select(Token).order_by(Token.id)
+            return list(s.scalars(q.where(Token.user == user) if user else q))
+
+    def revoke_tokens(self, token_id: int | None = None, user: str | None = None) -> int:
+        """Revoke one token by id, or every live token of a user; returns how many were revoked."""
+        with self.session.begin() as s:
+            q = update(Token).where(Token.revoked_at.is_(None))
+            q = q.where(Token.id == token_id) if token_id is not None else q.where(Token.user == user)
+            return s.execute(q.values(revoked_at=time.time())).rowcount
 
 
 def config_of(job: Job) -> dict[str, Any]:
