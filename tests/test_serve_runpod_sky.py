@@ -74,6 +74,38 @@ def test_launch_writes_a_valid_skypilot_task(tmp_path, llama_dir):
         assert "tuneforge train" in check.stdout
 
 
+def test_launch_mounts_relative_inputs_where_the_mounted_config_finds_them(tmp_path, llama_dir):
+    """The config travels as written; SkyPilot runs the task from the home folder, so a relative input is mounted
+    under ~/ at the same relative path, an absolute one at its own path (issue 21: they disagreed)."""
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    rows = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"
+    (tmp_path / "data" / "train.jsonl").write_text(rows)
+    shutil.copytree(llama_dir, tmp_path / "models" / "tiny")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": "models/tiny"}, "data": {"train": [{"path": "./data/train.jsonl"}],
+                                   "eval": [{"path": str(tmp_path / "data" / "train.jsonl")}]},
+                                   "train": {"max_steps": 2}, "output": {"dir": "runs/sky"}}))
+    proc = run_cli("launch", "job.yaml", "--on", "skypilot", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    task = yaml.safe_load((tmp_path / "job.sky.yaml").read_text())
+    mounts = task["file_mounts"]
+    assert mounts["~/data/train.jsonl"] == str((tmp_path / "data" / "train.jsonl").resolve())
+    assert mounts["~/models/tiny"] == str((tmp_path / "models" / "tiny").resolve())
+    assert mounts[str(tmp_path / "data" / "train.jsonl")] == str((tmp_path / "data" / "train.jsonl").resolve())
+    assert mounts[task["run"].split()[2]] == str(cfg.resolve())  # the config it runs is the one mounted
+    assert set(mounts) == {"~/tuneforge-task/config.yaml", "~/data/train.jsonl", "~/models/tiny",
+                           str(tmp_path / "data" / "train.jsonl")}
+    # a path that leads above the launch folder has no place on the machine: refused in one line
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "job.yaml").write_text(cfg.read_text().replace("./data/train.jsonl", "../data/train.jsonl")
+                                               .replace("models/tiny", "../models/tiny"))
+    assert_user_error(run_cli("launch", "job.yaml", "--on", "skypilot", "--dry-run", cwd=tmp_path / "sub"),
+                      "model.path", "above the home folder")
+    assert not (tmp_path / "sub" / "job.sky.yaml").exists()
+
+
 def test_launch_without_skypilot_says_how(tmp_path, monkeypatch):
     from tuneforge.errors import UserError
     from tuneforge.serve.skypilot import launch_task

@@ -3,10 +3,15 @@
 Resources come from the planner's memory estimate (the smallest common GPU that holds the peak with 15%
 headroom); secrets are declared as SkyPilot `secrets` (values passed at launch from the environment, never
 written into the task file). SkyPilot itself does the provisioning, spot recovery and teardown.
+
+The config is mounted as written, and SkyPilot runs a task from the home folder when it has no workdir, so
+each local input is mounted where that config finds it there: a relative path under `~/` (as relative paths
+start at the working directory), an absolute (or `~/`) path at the same place.
 """
 
 from __future__ import annotations
 
+import posixpath
 import shutil
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -60,14 +65,44 @@ def build_task(cfg, config_path: Path, gpus: str | None = None) -> dict:
         "setup": f"pip install '{pin}'",
         "run": train,
     }
-    local_files = [s.path for s in (*cfg.data.train, *cfg.data.eval) if s.path and Path(s.path).exists()]
-    if Path(cfg.model.path).exists():
-        local_files.append(cfg.model.path)
-    for i, p in enumerate(local_files):
-        # local inputs travel with the task, at the same path the config names (absolute paths keep working)
-        task["file_mounts"][str(Path(p).resolve())] = str(Path(p).resolve())
+    task["file_mounts"].update(input_mounts(cfg, config_path))
     task["_why"] = why
     return task
+
+
+def input_mounts(cfg, config_path: Path) -> dict[str, str]:
+    """{remote path: local path} of every local input, placed where the mounted config finds it on the machine."""
+    from tuneforge.config.load import _input_paths, read_config_file
+
+    raw = read_config_file(config_path)  # as written: `~` and `${VAR}` are still unexpanded here
+    mounts = {}
+    for place, path in _input_paths(cfg):
+        if path and Path(path).exists():
+            written = _written(raw, place)
+            mounts[remote_path(place, written if isinstance(written, str) else path)] = str(Path(path).resolve())
+    return mounts
+
+
+def _written(raw: dict, place: str):
+    node = raw
+    for key in place.split("."):
+        node = node[int(key)] if isinstance(node, list) and key.isdigit() and int(key) < len(node) else (
+            node.get(key) if isinstance(node, dict) else None)
+    return node
+
+
+def remote_path(place: str, written: str) -> str:
+    """Where the config's `written` path points on the cloud machine, running from the home folder."""
+    if "$" in written:
+        raise UserError(f"{place}: {written!r} uses an environment variable, which the cloud machine would expand "
+                        "differently: write the path out for `tuneforge launch`")
+    if written.startswith(("/", "~/")):
+        return written  # the same absolute (or home-relative) place on the machine
+    rel = posixpath.normpath(written.replace("\\", "/"))
+    if rel == ".." or rel.startswith("../"):
+        raise UserError(f"{place}: {written!r} leads above the home folder of the cloud machine: give an absolute "
+                        "path or one under the folder you launch from")
+    return "~/" + rel
 
 
 def write_task(cfg, config_path: Path, out: Path | None = None, gpus: str | None = None) -> Path:
