@@ -1,5 +1,6 @@
 """`tuneforge config import`: every example config/request in the seeds, verbatim, key by key."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import yaml
 
 from helpers import assert_user_error, run_cli_inprocess
 from tuneforge.config.importers import import_file, translate
-from tuneforge.config.importers.table import MAPPED, NOT_MAPPED, SECRET, Translator, schema_has, to
+from tuneforge.config.importers.table import MAPPED, NOT_MAPPED, SECRET, Translator, looks_secret, schema_has, to
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 
@@ -46,7 +47,8 @@ def test_seed_request_args_every_key_accounted_for():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05) and "o_proj" in cfg.lora.target_modules
     assert (cfg.train.grad_accum, cfg.train.micro_batch_size, cfg.train.epochs, cfg.train.lr) == (2, 2, 1, 2e-4)
     assert cfg.train.warmup_steps == 10 and cfg.train.gradient_checkpointing and cfg.data.train_on == "assistant"
-    assert cfg.model.attn_implementation == "flash_attention_2"
+    # flash-attn where it can run, else "the best attention available here" (the job would fail on flash_attention_2)
+    assert cfg.model.attn_implementation == ("flash_attention_2" if importlib.util.find_spec("flash_attn") else "auto")
     assert cfg.output.dir == "./outputs/lora-out"
     rows = rows_by_key(result)
     for key in ("loss_watchdog_threshold", "wandb_project", "optimizer", "hub_model_id", "evals_per_epoch"):
@@ -74,7 +76,10 @@ def test_xllm_every_documented_key():
     result = import_file(DATA / "seeds_000_xllm_defaults.yaml", "xllm")
     assert_complete(result, XLLM)
     cfg = Config.model_validate(result.config)
-    assert cfg.model.path == "mistralai/Mistral-7B-v0.1" and cfg.data.train[0].path == "./train.jsonl"
+    # dataset_key names a registered dataset (X—LLM's download step only writes its rows to train_local_path_to_data)
+    assert cfg.model.path == "mistralai/Mistral-7B-v0.1" and cfg.data.train[0].custom == "soda"
+    assert rows_by_key(result)["train_local_path_to_data"].status == "ignored"
+    assert result.left_out() == [], [r.key for r in result.left_out()]  # every key at its default imports cleanly
     assert cfg.train.finetune == "full"  # apply_lora: False
     assert cfg.train.micro_batch_size == 2 and cfg.train.warmup_steps == 1000 and cfg.train.weight_decay == 0.001
     assert cfg.data.max_length == 2048 and cfg.data.max_eval_samples == 1000 and cfg.train.keep_checkpoints == 1
@@ -141,12 +146,17 @@ def test_cli_import_writes_a_config_the_loader_accepts(tmp_path, llama_dir):
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"instruction": "hi", "input": "", "output": "yo"}) + "\n")
     args = {**REQUEST["input"]["args"], "base_model": str(llama_dir), "datasets": [{"path": str(train), "type": "alpaca"}],
-            "hf_token": "hf_CLI_SECRET"}
+            "hf_token": "hf_CLI_SECRET", "lr_quadratic_warmup": True}
     src = tmp_path / "axolotl.yaml"
     src.write_text(yaml.safe_dump(args))
     out = tmp_path / "tf" / "tuneforge.yaml"
-    proc = run_cli_inprocess("config", "import", src, "--from", "axolotl", "--out", out)
+    refused = run_cli_inprocess("config", "import", src, "--from", "axolotl", "--out", out)
+    assert_user_error(refused, "lr_quadratic_warmup", "--allow-partial")  # a key left out: exit 2, nothing written
+    assert not out.exists() and "hf_CLI_SECRET" not in refused.stderr + refused.stdout
+    proc = run_cli_inprocess("config", "import", src, "--from", "axolotl", "--out", out, "--allow-partial")
     assert proc.returncode == 0, proc.stderr
+    listed = " ".join(proc.stderr.split()).split("--allow-partial: left out ")[1]
+    assert "lr_quadratic_warmup" in listed.split("(reasons")[0]
     assert "not mapped" in proc.stderr and "lora_r" in proc.stderr and "HF_TOKEN" in proc.stderr
     assert "hf_CLI_SECRET" not in out.read_text() + proc.stderr + proc.stdout
     ok = run_cli_inprocess("config", "validate", out)
@@ -178,3 +188,123 @@ def test_methods_and_engines_map_to_the_schema_keys():
     xl = translate({**XLLM, "load_in_4bit": True, "apply_lora": True}, "xllm")
     cfg = Config.model_validate(xl.config)
     assert cfg.model.quantize == "4bit" and cfg.model.quant_type == "nf4" and cfg.model.double_quant
+
+
+# --- issue 21: each key judged on its own -------------------------------------------------------------------------
+
+
+def test_one_refused_key_does_not_cascade_to_its_section():
+    # revision_of_model is refused for a local model; the model keys beside it must still be carried over (the old
+    # importer demoted quantize/device_map/chat_template/tokens too and the config silently became plain LoRA).
+    args = {**REQUEST["input"]["args"], "base_model": "./local-model", "revision_of_model": "main", "adapter": "qlora",
+            "load_in_4bit": True, "device_map": "auto", "chat_template": "chatml", "tokens": ["<tool>"]}
+    result = translate(args, "axolotl")
+    rows = rows_by_key(result)
+    assert rows["revision_of_model"].status == NOT_MAPPED and "hub ids only" in rows["revision_of_model"].note
+    for key in ("adapter", "load_in_4bit", "device_map", "chat_template", "tokens"):
+        assert rows[key].status == MAPPED, rows[key]
+    cfg = Config.model_validate(result.config)
+    assert (cfg.model.quantize, cfg.model.device_map, cfg.model.chat_template, cfg.model.add_tokens) == ("4bit", "auto", "chatml", ["<tool>"])
+    assert cfg.train.finetune == "lora" and cfg.model.revision is None
+
+
+def test_full_finetune_leaves_xllm_lora_keys_unused_instead_of_refusing_apply_lora():
+    result = translate({**XLLM, "apply_lora": False, "lora_rank": 64}, "xllm")
+    rows = rows_by_key(result)
+    assert rows["apply_lora"].status == MAPPED and rows["lora_rank"].status == "ignored"
+    assert Config.model_validate(result.config).train.finetune == "full"
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("adamw_torch_fused", "adamw"), ("adamw_torch", "adamw"), ("adamw_hf", "adamw"), ("adamw_apex_fused", "adamw"),
+    ("adamw_bnb_8bit", "adamw_8bit"), ("paged_adamw_8bit", "paged_adamw_8bit"), ("paged_adamw_32bit", "adamw"),
+    ("lion_8bit", "lion_8bit"), ("lion_32bit", "lion"), ("adafactor", "adafactor"), ("sgd", "sgd"), ("adagrad", "adagrad"),
+])
+def test_hf_optimizer_names_map_to_schema_values(name, expected):
+    for source, args in (("axolotl", {**REQUEST["input"]["args"], "optimizer": name}), ("xllm", {**XLLM, "optim": name}),
+                         ("llamafactory", {"model_name_or_path": "m", "dataset": "a.json", "optim": name})):
+        result = translate(args, source)
+        row = rows_by_key(result)["optimizer" if source == "axolotl" else "optim"]
+        assert row.status == MAPPED, (source, row)
+        assert Config.model_validate(result.config).train.optimizer == expected
+
+
+def test_unknown_optimizer_is_refused_with_the_known_names():
+    row = rows_by_key(translate({**XLLM, "optim": "adamw_anyprecision"}, "xllm"))["optim"]
+    assert row.status == NOT_MAPPED and "adamw_torch_fused" in row.note
+
+
+@pytest.mark.parametrize("source,args,typo,guess", [
+    ("axolotl", REQUEST["input"]["args"], "lora_rank", "lora_r"),
+    ("axolotl", REQUEST["input"]["args"], "learning_rat", "learning_rate"),
+    ("xllm", XLLM, "lora_r", "lora_rank"),
+    ("xllm", XLLM, "fuse_after_train", "fuse_after_training"),
+    ("llamafactory", {"model_name_or_path": "m", "dataset": "a.json"}, "lora_ranks", "lora_rank"),
+])
+def test_unknown_key_gets_a_did_you_mean_from_the_source_tools_keys(source, args, typo, guess):
+    row = rows_by_key(translate({**args, typo: 1}, source))[typo]
+    assert row.status == NOT_MAPPED and f"did you mean {guess!r}" in row.note, row.note
+
+
+def test_unknown_dataset_option_did_you_mean():
+    args = {**REQUEST["input"]["args"], "datasets": [{"path": "a.jsonl", "typ": "alpaca"}]}
+    row = rows_by_key(translate(args, "axolotl"))["datasets[0].typ"]
+    assert row.status == NOT_MAPPED and "did you mean 'type'" in row.note
+
+
+# --- issue 20 class 6: secrets in keys the importer does not know ---------------------------------------------------
+
+PLANTED = {"hub_token": "hf_PLANT_A", "hf_use_auth_token": "hf_PLANT_B", "my_service_password": "PLANT_C",
+           "wandb_api_key": "PLANT_D", "fsdp_config": {"limit_all_gathers": True, "auth_token": "PLANT_E"}}
+
+
+def _planted_args():
+    return {**REQUEST["input"]["args"], **PLANTED,
+            "datasets": [{"path": "org/private-set", "type": "alpaca", "token": "hf_PLANT_A"}]}
+
+
+def test_credential_named_keys_at_any_depth_never_reach_report_or_config():
+    result = translate(_planted_args(), "axolotl")
+    rows = rows_by_key(result)
+    stored = json.dumps(result.report()) + yaml.safe_dump(result.config) + repr([r.value for r in result.rows])
+    assert "PLANT" not in stored
+    for key in ("hub_token", "hf_use_auth_token", "my_service_password", "wandb_api_key", "fsdp_config.auth_token",
+                "datasets[0].token"):
+        assert rows[key].status == SECRET and rows[key].value == "***", rows[key]
+    assert result.env == {"HF_TOKEN": "hf_PLANT_A", "WANDB_API_KEY": "PLANT_D"}  # the rest is dropped, never kept
+    assert "different $HF_TOKEN" in rows["hf_use_auth_token"].note and "dropped" in rows["my_service_password"].note
+    assert rows["fsdp_config"].value == {"limit_all_gathers": True, "auth_token": "***"}
+
+
+def test_job_server_import_report_holds_no_secret(tmp_path):
+    # the server stores JobSpec.report in its database and returns it from GET /v1/jobs/ID
+    from tuneforge.serve.schema import parse_request
+
+    args = {**_planted_args(), "base_model": str(tmp_path), "datasets": [{"path": str(tmp_path / "d.jsonl"), "token": "hf_PLANT_A"}]}
+    spec = parse_request({"input": {"args": args, "credentials": {"wandb_api_key": "PLANT_D"}}}, "alice")
+    assert "PLANT" not in json.dumps(spec.report) + json.dumps(spec.config)
+    assert spec.credentials["HF_TOKEN"] == "hf_PLANT_A" and spec.credentials["WANDB_API_KEY"] == "PLANT_D"
+
+
+@pytest.mark.parametrize("name", ["hub_token", "hf_token", "token", "hf_use_auth_token", "use_auth_token", "wandb_api_key",
+                                  "huggingface_hub_token", "api_key", "secret", "db_password", "accessToken", "ms_hub_token"])
+def test_credential_names(name):
+    assert looks_secret(name)
+
+
+@pytest.mark.parametrize("name", ["pad_token", "eos_token", "special_tokens", "tokens", "tokenizer_name_or_path",
+                                  "dataset_key", "experiment_key", "collator_key", "push_to_hub_bos_add_bos_token",
+                                  "pad_token_id", "max_new_tokens", "add_special_tokens", "dataset_keep_in_memory"])
+def test_not_credential_names(name):
+    assert not looks_secret(name)
+
+
+def test_every_known_credential_key_is_handled_as_a_secret():
+    from tuneforge.config.importers import axolotl, llamafactory, xllm
+    from tuneforge.config.importers.table import Secret
+
+    for module in (axolotl, llamafactory, xllm):
+        for key, rule in module.RULES.items():
+            if looks_secret(key):
+                with pytest.raises(Secret):
+                    rule("x")

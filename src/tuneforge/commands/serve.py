@@ -22,8 +22,12 @@ DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the job store (defaul
 
 @config_app.command("import")
 def config_import(file: Path, source: str = typer.Option(..., "--from", help="axolotl | llamafactory | xllm"),
-                  out: Optional[Path] = typer.Option(None, "--out", help="Write the tuneforge config here (default: print it).")):
-    """Translate an axolotl / LLaMA-Factory / X—LLM config into a tuneforge config; print what mapped and what not."""
+                  out: Optional[Path] = typer.Option(None, "--out", help="Write the tuneforge config here (default: print it)."),
+                  allow_partial: bool = typer.Option(False, "--allow-partial",
+                                                     help="Write the config even when some keys could not be carried over (they are listed).")):
+    """Translate an axolotl / LLaMA-Factory / X—LLM config into a tuneforge config; print what mapped and what not.
+
+    Exits 2 (writing nothing) when any key would be left out of the written config, unless --allow-partial."""
     import yaml
 
     from tuneforge.config.importers import import_file, print_table
@@ -33,6 +37,12 @@ def config_import(file: Path, source: str = typer.Option(..., "--from", help="ax
     text = yaml.safe_dump(result.config, sort_keys=False)
     if result.env:
         console.print(f"secrets found ({', '.join(result.env)}): not written; set them in the environment or a .env file")
+    left_out = [r.key for r in result.left_out()]
+    if left_out and not allow_partial:
+        raise UserError(f"{file}: {len(left_out)} key(s) would be left out of the tuneforge config ({', '.join(left_out)}; "
+                        "reasons in the table): change them, or pass --allow-partial to write the rest")
+    if left_out:
+        console.print(f"--allow-partial: left out {', '.join(left_out)} (reasons in the table)")
     if out is None:
         print(text, end="")
         return
@@ -46,15 +56,17 @@ def config_import(file: Path, source: str = typer.Option(..., "--from", help="ax
 @serve_app.callback()
 def serve(ctx: typer.Context, host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8000, help="TCP port."), data_dir: Path = DataDirOpt, db: Optional[str] = DbOpt,
-          concurrency: Optional[int] = typer.Option(None, help="Jobs run at once (default: one per visible GPU, one on CPU)."),
+          concurrency: Optional[int] = typer.Option(None, min=0, help="Jobs run at once (default: one per visible GPU, one on CPU; 0: queue only, run none, e.g. while draining a machine)."),
           max_body: int = typer.Option(1 << 20, help="Largest accepted request body in bytes (larger: 413)."),
           gpus_per_job: int = typer.Option(1, min=1, help="GPUs per job (N > 1: `tuneforge train --nproc N`)."),
           max_jobs_per_user: int = typer.Option(20, min=1, help="Unfinished jobs (queued or running) one user may have; more: 429."),
           max_checkpoints: int = typer.Option(200, min=1, help="Checkpoints one job may write (train.max_steps / train.save_every); more: 422."),
           max_num_proc: Optional[int] = typer.Option(None, min=1, help="Largest data.num_proc a job may ask for (default: this machine's cores)."),
-          disk_quota: Optional[str] = typer.Option(None, help="Disk per user workspace, checkpoints included, e.g. 50G (default: no quota)."),
+          disk_quota: Optional[str] = typer.Option(None, help="Disk per user (workspace + data cache, checkpoints included), e.g. 50G; 0: none (default 20G)."),
           page_size: int = typer.Option(50, min=1, max=200, help="Jobs per page of GET /v1/jobs when the request gives no ?limit=."),
-          docs: bool = typer.Option(False, "--docs", help="Serve the interactive API docs at /docs (they load Swagger UI from a CDN).")):
+          docs: bool = typer.Option(False, "--docs", help="Serve the interactive API docs at /docs (they load Swagger UI from a CDN)."),
+          allow_tracker: list[str] = typer.Option([], "--allow-tracker", help="A tracker URL jobs may contact (MLflow http(s) URI, W&B https://api.wandb.ai); repeat for more. Default: none."),
+          sandbox: bool = typer.Option(False, "--sandbox", help="Run each job under bubblewrap: only its workspace writable, no other user's files, no network unless --allow-tracker.")):
     """Serve the job API: POST /v1/jobs, GET /v1/jobs[/ID[/logs]], POST /v1/jobs/ID/cancel, artifacts."""
     if ctx.invoked_subcommand is not None:
         return
@@ -64,12 +76,21 @@ def serve(ctx: typer.Context, host: str = typer.Option("127.0.0.1", help="Interf
     from tuneforge.serve.limits import Limits, parse_size
     from tuneforge.serve.worker import default_concurrency
 
-    limits = Limits(max_jobs=max_jobs_per_user, max_checkpoints=max_checkpoints, page_size=page_size,
-                    disk_quota=parse_size(disk_quota) if disk_quota else None)
+    limits = Limits(max_jobs=max_jobs_per_user, max_checkpoints=max_checkpoints, page_size=page_size)
     if max_num_proc:
         limits.max_num_proc = max_num_proc
-    application = create_app(data_dir, db, concurrency or max(1, default_concurrency() // gpus_per_job), max_body,
+    if disk_quota is not None:
+        limits.disk_quota = parse_size(disk_quota) or None
+    if concurrency is None:
+        concurrency = max(1, default_concurrency() // gpus_per_job)
+    application = create_app(data_dir, db, concurrency, max_body,
                              gpus_per_job=gpus_per_job, limits=limits, docs=docs)
+    from tuneforge.serve.paths import GuestPolicy
+    from tuneforge.serve.worker import sandbox_problem
+
+    if sandbox and sandbox_problem():
+        raise UserError(sandbox_problem())
+    application.state.worker.guest = GuestPolicy(tuple(allow_tracker), sandbox, limits.disk_quota)
     console.print(f"tuneforge serve: http://{host}:{port}  data: {data_dir.resolve()}")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 

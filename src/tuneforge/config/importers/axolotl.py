@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.config.importers.table import (
-    BUILTIN_TEMPLATES, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, ignored, lookup, not_mapped, same_as,
-    secret, to,
+    BUILTIN_TEMPLATES, NOTE, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, flash_attention, ignored, lookup,
+    not_mapped, optimizer, same_as, secret, to,
 )
 
 ARCH = "tuneforge reads the architecture from the model's config.json"
@@ -18,17 +18,25 @@ DATASET_TYPES = {
     "sharegpt": "sharegpt", "sharegpt:chat": "sharegpt", "chat_template": "messages", "messages": "messages",
     "completion": "text", "input_output": "input_output", "oasst": "oasst",
 }
-OPTIMIZERS = {  # axolotl / HF TrainingArguments optim names -> tuneforge train.optimizer
-    "adamw_hf": "adamw", "adamw_torch": "adamw", "adamw_torch_fused": "adamw_fused", "adamw_bnb_8bit": "adamw_8bit",
-    "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "paged_adamw",
-    "adafactor": "adafactor", "lion_8bit": "lion_8bit", "lion_32bit": "lion", "sgd": "sgd", "adagrad": "adagrad",
-}
+# tokenizer_type: the classes AutoTokenizer already resolves to (fast, or the slow name whose fast twin it loads).
+TOKENIZER_FAMILIES = ("Llama", "CodeLlama", "GPT2", "GPTNeoX", "Qwen2", "Gemma", "Bloom", "T5", "Mistral")
+TOKENIZER_CLASSES = {"AutoTokenizer", "PreTrainedTokenizerFast"} | {
+    f"{family}Tokenizer{fast}" for family in TOKENIZER_FAMILIES for fast in ("", "Fast")}
 
 
-def _opt(v: str) -> dict:
-    if v not in OPTIMIZERS:
-        raise NotMapped(f"no tuneforge optimizer for {v!r} (known: {', '.join(sorted(OPTIMIZERS))})")
-    return {"train.optimizer": OPTIMIZERS[v]}
+def _tokenizer_type(v):
+    if v not in TOKENIZER_CLASSES:
+        raise NotMapped(f"tokenizer class {v!r}: tuneforge loads tokenizers with AutoTokenizer (fast) and knows it "
+                        f"matches only {', '.join(sorted(TOKENIZER_CLASSES))}; remove tokenizer_type or point "
+                        "tokenizer_config at a tokenizer folder that names its class")
+    raise Ignored(f"AutoTokenizer loads the fast version of {v} from the tokenizer's own tokenizer_config.json")
+
+
+def _wandb_watch(v):
+    if v in (False, "false", "", "none", "None"):
+        raise Ignored("off: nothing to watch")
+    raise NotMapped(f"wandb_watch {v!r}: tuneforge logs loss, lr, grad norm and throughput to W&B but not per-layer "
+                    "gradient/parameter histograms (wandb.watch); remove wandb_watch or pass --allow-partial")
 
 
 def _precision(name: str):
@@ -77,8 +85,33 @@ def _special_tokens(v):
     return {"model.pad_token": v["pad_token"]}
 
 
-def _attention(target_value: str):
-    return flag("model.attn_implementation", target_value, "off: tuneforge uses sdpa attention by default")
+def _flash(v):
+    if v is True or str(v).lower() == "true":
+        return flash_attention()
+    raise Ignored("off: tuneforge picks the attention (model.attn_implementation auto)")
+
+
+def _sdpa(v):
+    if v is True or str(v).lower() == "true":
+        return {"model.attn_implementation": "sdpa"}
+    raise Ignored("off: tuneforge picks the attention (model.attn_implementation auto)")
+
+
+def _xformers(v):
+    if v is True or str(v).lower() == "true":
+        return {"model.attn_implementation": "auto", NOTE: "xformers is not used: auto picks sdpa or flash-attn (the same attention)"}
+    raise Ignored("off: tuneforge picks the attention (model.attn_implementation auto)")
+
+
+def _group_by_length(v):
+    if v is True or str(v).lower() == "true":
+        return {"train.group_by_length": True}
+    raise Ignored("false: tuneforge does not sort by length")
+
+
+def _hub_model_id(v):
+    # axolotl pushes to hub_model_id at the end of training (the adapter for LoRA): export.hub_push auto does the same.
+    return {"export.hub_repo": v, NOTE: "pushed once, at the end of training (token from HF_TOKEN)"}
 
 
 def _betas(index: int):
@@ -131,9 +164,9 @@ RULES: dict[str, Any] = {
     "revision_of_model": to("model.revision"),
     "tokenizer_config": to("model.tokenizer"),
     "model_type": same_as({"AutoModelForCausalLM"}, HF_CLASSES),
-    "tokenizer_type": same_as({"AutoTokenizer", "PreTrainedTokenizerFast"}, HF_CLASSES),
+    "tokenizer_type": _tokenizer_type,
     "trust_remote_code": to("model.trust_remote_code"),
-    "hub_model_id": to("output.hub_model_id"),
+    "hub_model_id": _hub_model_id,
     "is_falcon_derived_model": ignored(ARCH), "is_llama_derived_model": ignored(ARCH),
     "is_qwen_derived_model": ignored(ARCH), "is_mistral_derived_model": ignored(ARCH),
     "overrides_of_model_config": not_mapped("tuneforge does not override the model config (RoPE scaling etc.)"),
@@ -149,7 +182,7 @@ RULES: dict[str, Any] = {
     # hyper-parameters
     "gradient_accumulation_steps": to("train.grad_accum"),
     "micro_batch_size": to("train.micro_batch_size"),
-    "eval_batch_size": to("train.eval_batch_size"),
+    "eval_batch_size": to("train.eval_micro_batch_size"),
     "num_epochs": to("train.epochs"),
     "warmup_steps": to("train.warmup_steps"),
     "warmup_ratio": to("train.warmup_ratio"),
@@ -180,7 +213,7 @@ RULES: dict[str, Any] = {
     "shuffle_merged_datasets": ignored("tuneforge shuffles the mixed data every epoch (train.seed)"),
     "dataset_exact_deduplication": to("data.clean.dedup"),
     "train_on_inputs": _train_on_inputs,
-    "group_by_length": flag("data.group_by_length", True, "false: tuneforge does not sort by length"),
+    "group_by_length": _group_by_length,
     "strict": ignored("tuneforge configs are always strict (unknown keys are errors)"),
     # adapter
     "adapter": _adapter,
@@ -201,7 +234,7 @@ RULES: dict[str, Any] = {
     "cosine_min_lr_ratio": to("train.min_lr_ratio"),
     "cosine_constant_lr_ratio": not_mapped("tuneforge has no constant tail for cosine"),
     "lr_div_factor": not_mapped("one-cycle schedules are not in tuneforge"),
-    "optimizer": _opt,
+    "optimizer": optimizer,
     "optim_args": empty_or(not_mapped("tuneforge takes no free-form optimizer args")),
     "optim_target_modules": empty_or(not_mapped("per-module optimizers (GaLore) are not in tuneforge")),
     "weight_decay": to("train.weight_decay", float),
@@ -217,9 +250,9 @@ RULES: dict[str, Any] = {
     "loss_watchdog_threshold": to("train.loss_watchdog_threshold"),
     "loss_watchdog_patience": to("train.loss_watchdog_patience"),
     # attention
-    "flash_attention": _attention("flash_attention_2"),
-    "sdp_attention": _attention("sdpa"),
-    "xformers_attention": flag("model.attn_implementation", "xformers", "off"),
+    "flash_attention": _flash,
+    "sdp_attention": _sdpa,
+    "xformers_attention": _xformers,
     "flash_optimum": not_mapped("BetterTransformer is deprecated; tuneforge uses sdpa"),
     "flash_attn_cross_entropy": not_mapped("fused kernels from flash-attn are not used by tuneforge"),
     "flash_attn_rms_norm": not_mapped("fused kernels from flash-attn are not used by tuneforge"),
@@ -240,7 +273,7 @@ RULES: dict[str, Any] = {
     "wandb_project": _wandb("project"),
     "wandb_entity": _wandb("entity"),
     "wandb_name": _wandb("name"),
-    "wandb_watch": not_mapped("tuneforge does not log gradients/parameters to W&B"),
+    "wandb_watch": _wandb_watch,
     "wandb_run_id": not_mapped("tuneforge names W&B runs with wandb_name"),
     "wandb_log_model": not_mapped("tuneforge does not upload checkpoints to W&B"),
     "wandb_api_key": secret("WANDB_API_KEY"),
@@ -252,6 +285,7 @@ RULES: dict[str, Any] = {
 DATASET_RULES = {
     "path": "path", "data_files": "path", "split": "split", "train_on_split": "split", "name": "subset",
 }
+DATASET_KEYS = {*DATASET_RULES, "type", "ds_type"}
 
 
 def _dataset(t: Translator, section: str, i: int, item: Any, prefix: str) -> None:
@@ -279,11 +313,11 @@ def _dataset(t: Translator, section: str, i: int, item: Any, prefix: str) -> Non
         elif key in DATASET_RULES:
             t.apply(f"{where}.{key}", value, to(f"{base}.{DATASET_RULES[key]}"), "")
         else:
-            t.apply(f"{where}.{key}", value, None, f"dataset option {key!r} has no tuneforge equivalent")
+            t.apply(f"{where}.{key}", value, None, f"dataset option {key!r} has no tuneforge equivalent", DATASET_KEYS)
 
 
 def translate(args: dict[str, Any], source: str = "axolotl config") -> ImportResult:
-    t = Translator(source)
+    t = Translator(source, known={*RULES, "datasets", "test_datasets"})
     for key, value in args.items():
         if key in ("datasets", "test_datasets"):
             section = "train" if key == "datasets" else "eval"

@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from tuneforge.config.importers.axolotl import OPTIMIZERS
 from tuneforge.config.importers.table import (
-    Ignored, ImportResult, NotMapped, Translator, empty_or, flag, ignored, lookup, same_as, to,
+    NOTE, Ignored, ImportResult, NotMapped, Translator, flag, flash_attention, ignored, lookup, not_mapped,
+    optimizer, same_as, secret, to,
 )
 from tuneforge.errors import UserError
 
@@ -98,10 +98,41 @@ def _lora_target(v):
 
 
 def _flash_attn(v):
-    table = {True: "flash_attention_2", "fa2": "flash_attention_2", "sdpa": "sdpa", "disabled": "eager", "auto": "auto"}
+    if v is True or v == "fa2":
+        return flash_attention()
+    table = {"sdpa": "sdpa", "disabled": "eager", "auto": "auto"}
     if v in table:
         return {"model.attn_implementation": table[v]}
     raise NotMapped(f"flash_attn {v!r}: expected fa2, sdpa, disabled or auto")
+
+
+def _revision(v):
+    if v == "main":
+        raise Ignored("main: the hub's default revision")
+    return {"model.revision": v}
+
+
+def _fast_tokenizer(v):
+    if v is False or str(v).lower() == "false":
+        raise NotMapped("tuneforge always uses the fast (Rust) tokenizer; a slow one cannot be chosen")
+    raise Ignored("tuneforge always uses the fast (Rust) tokenizer")
+
+
+def _special_tokens(v):
+    return {"model.add_tokens": [t.strip() for t in str(v).split(",") if t.strip()]}
+
+
+def _push_rules(args: dict[str, Any]) -> dict[str, Any]:
+    """HF TrainingArguments: push_to_hub pushes to hub_model_id; tuneforge pushes once, at the end (export:)."""
+    push, hub = bool(args.get("push_to_hub")), args.get("hub_model_id")
+    at_end = "pushed once, at the end of training (token from HF_TOKEN)"
+    return {
+        "push_to_hub": (lambda v: {"export.hub_repo": hub, NOTE: at_end}) if push and hub else
+        not_mapped("push_to_hub needs hub_model_id (the repo to push to)") if push else ignored("false: nothing is pushed"),
+        "hub_model_id": (lambda v: {"export.hub_repo": v, NOTE: at_end}) if push else
+        ignored("push_to_hub is false: nothing is pushed"),
+        "hub_private_repo": to("export.hub_private", bool) if push and hub else ignored("no push configured"),
+    }
 
 
 def _bool_precision(name: str):
@@ -132,7 +163,7 @@ RULES: dict[str, Any] = {
     "overwrite_cache": ignored("tuneforge's data cache is keyed by content: changed data or settings are re-tokenized"),
     "overwrite_output_dir": to("output.overwrite", bool),
     "per_device_train_batch_size": to("train.micro_batch_size"),
-    "per_device_eval_batch_size": to("train.eval_batch_size"),
+    "per_device_eval_batch_size": to("train.eval_micro_batch_size"),
     "gradient_accumulation_steps": to("train.grad_accum"),
     "lr_scheduler_type": to("train.lr_scheduler"),
     "logging_steps": to("train.log_every"),
@@ -162,15 +193,19 @@ RULES: dict[str, Any] = {
     "default_system": to("data.system_prompt"),
     "gradient_checkpointing": to("train.gradient_checkpointing", bool),
     "disable_gradient_checkpointing": ignored("tuneforge leaves gradient checkpointing off unless asked"),
-    "optim": lookup("train.optimizer", OPTIMIZERS, "optimizer"),
+    "optim": optimizer,
     "report_to": same_as({"none", "tensorboard"}, "tuneforge logs to TensorBoard; W&B needs tracking.wandb.project"),
     "deepspeed": to("train.deepspeed"),
     "plot_loss": ignored("tuneforge always writes RUN_DIR/loss.png"),
     "trust_remote_code": to("model.trust_remote_code"),
-    "use_fast_tokenizer": ignored("tuneforge always uses the fast (Rust) tokenizer"),
+    "use_fast_tokenizer": _fast_tokenizer,
+    "model_revision": _revision,
+    "add_special_tokens": _special_tokens,
+    "new_special_tokens": _special_tokens,
+    "hf_hub_token": secret("HF_TOKEN"),
+    "ms_hub_token": secret(None),
+    "om_hub_token": secret(None),
     "preprocessing_num_workers": to("data.num_proc"),
-    "hub_model_id": to("output.hub_model_id"),
-    "push_to_hub": empty_or(to("output.push_to_hub")),
     "_script": ignored("the training script's name"),
 }
 
@@ -208,9 +243,9 @@ def translate(args: dict[str, Any], source: str = "LLaMA-Factory arguments") -> 
         raise UserError(f"{source}: this is a LLaMA-Factory prediction command, not training: in tuneforge use "
                         f"`tuneforge generate RUN_DIR --prompt ...` (or `tuneforge predict` when installed) on "
                         f"{args.get('checkpoint_dir', 'the run directory')}")
-    t = Translator(source)
+    t = Translator(source, known=RULES.keys() | _push_rules({}).keys())
     _datasets(t, args)
-    rules = dict(RULES)
+    rules = {**RULES, **_push_rules(args)}
     if {"freeze_trainable_layers", "num_layer_trainable"} & set(args):
         rules["finetuning_type"] = lookup("train.finetune", {"lora": "lora", "full": "full", "freeze": "freeze"}, "finetuning_type")
     for key, value in args.items():
