@@ -38,15 +38,16 @@ def build_tokenizer(folder: Path, vocab_size: int = 512):
 
 
 def model_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2):
-    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig,
-               "gemma2": Gemma2Config, "phi3": Phi3Config}
+               "gemma2": Gemma2Config, "phi3": Phi3Config, "mixtral": MixtralConfig}
     # Gemma 2: head_dim = query_pre_attn_scalar = 256 as in the real 2B/9B: llama.cpp scales queries by 1/sqrt(head_dim),
     # transformers' GGUF reader assumes query_pre_attn_scalar 256 (it is not in the file).
-    extra = {"gemma": {"head_dim": 16}, "gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256}, "phi3": {"pad_token_id": 0}}
+    extra = {"gemma": {"head_dim": 16}, "gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256}, "phi3": {"pad_token_id": 0},
+             "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2}}  # MoE: experts fused as 3-D parameters
     return classes[arch](**common, **extra.get(arch, {}))
 
 

@@ -58,6 +58,10 @@ def add_lora(model, cfg: LoraConfig, extra_modules_to_save: list[str] | None = N
         return PeftModel.from_pretrained(model, cfg.init_from, is_trainable=True)
     modules_to_save = list(dict.fromkeys([*cfg.modules_to_save, *(extra_modules_to_save or [])])) or None
     targets = cfg.target_modules
+    if targets == "all-linear" and any(type(m).__name__ == "Experts4bit" for m in model.modules()):
+        # peft's all-linear adapts an MoE's fused experts; kept in 4 bits (model/moe.py) they take no adapter.
+        raise UserError("lora.target_modules: all-linear on a 4-bit MoE would adapt its experts, which stay 4-bit without "
+                        "an adapter here; name the layers instead, e.g. [q_proj, k_proj, v_proj, o_proj]")
     if targets == "all-linear" and cfg.layers_to_transform is not None:
         targets = linear_module_names(model)  # peft takes layers_to_transform with a list of names only
     try:

@@ -15,7 +15,8 @@ def tuneforge_home() -> Path:
 
 
 def looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or path.endswith(".gguf") or Path(path).exists()
+    """A file system path rather than a hub id (org/name: one slash)."""
+    return path.startswith((".", "/", "~")) or path.endswith(".gguf") or path.count("/") > 1 or Path(path).exists()
 
 
 def resolve_model_dir(cfg: ModelConfig, log=print, need_weights: bool = True) -> str:
@@ -25,6 +26,9 @@ def resolve_model_dir(cfg: ModelConfig, log=print, need_weights: bool = True) ->
     if not looks_local(path):
         return path  # hub id: downloaded by transformers (needs network; HF_TOKEN from env/.env)
     p = Path(path)
+    if not p.exists():
+        raise UserError(f"model.path: {cfg.path} does not exist (resolved to {p.absolute()}; relative paths start at "
+                        "the working directory)")
     if p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"model.path: GGUF file not found: {path}")
@@ -73,24 +77,33 @@ def gguf_chat_template(gguf_path: Path) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
 # Files that hold a vocabulary. transformers builds a near-empty tokenizer from a lone tokenizer_config.json.
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
 
 
 def load_tokenizer(source: str, cfg: ModelConfig | None = None):
+    """The tokenizer of `source` (the resolved model), or of `model.tokenizer` when the config names one."""
     from transformers import AutoTokenizer
 
     from tuneforge.data.templates import apply_template_override
 
+    place, revision = "model.path", cfg.revision if cfg else None
+    if cfg and cfg.tokenizer:
+        place, source, revision = "model.tokenizer", os.path.expanduser(cfg.tokenizer), None  # revision names the model's
+        if looks_local(source) and not Path(source).exists():
+            raise UserError(f"model.tokenizer: {cfg.tokenizer} does not exist (resolved to {Path(source).absolute()}; "
+                            "relative paths start at the working directory)")
     folder = Path(os.path.expanduser(source))
     present = [f for f in VOCAB_FILES if (folder / f).is_file()] if folder.is_dir() else None
     if present == []:
-        raise UserError(f"model.path: {source} has no tokenizer vocabulary (missing tokenizer.json or tokenizer.model)")
+        raise UserError(f"{place}: {source} has no tokenizer vocabulary (missing tokenizer.json or tokenizer.model)")
     try:
         if present == ["tokenizer.model"] and not (folder / "tokenizer_config.json").is_file():
-            tok = sentencepiece_tokenizer(folder)
+            tok = sentencepiece_tokenizer(folder, place)
         else:
-            tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision if cfg else None, trust_remote_code=bool(cfg and cfg.trust_remote_code))
+            tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=bool(cfg and cfg.trust_remote_code))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
     apply_template_override(tok, cfg.chat_template if cfg else None)
@@ -105,13 +118,13 @@ def load_tokenizer(source: str, cfg: ModelConfig | None = None):
     return tok
 
 
-def sentencepiece_tokenizer(folder: Path):
+def sentencepiece_tokenizer(folder: Path, place: str = "model.path"):
     """A folder holding only a sentencepiece tokenizer.model (Mistral's own layout): a Llama-style BPE
     tokenizer built from it, checked against sentencepiece's own encoding before it is used."""
     try:
         import sentencepiece as spm
     except ImportError:
-        raise UserError(f"model.path: {folder} holds only a sentencepiece tokenizer.model: pip install 'tuneforge[sentencepiece]' (or add tokenizer.json)") from None
+        raise UserError(f"{place}: {folder} holds only a sentencepiece tokenizer.model: pip install 'tuneforge[sentencepiece]' (or add tokenizer.json)") from None
     from transformers import LlamaTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
@@ -119,7 +132,7 @@ def sentencepiece_tokenizer(folder: Path):
     tok = LlamaTokenizer.from_pretrained(str(folder), **specials)
     probe = "Hello world, this is a test.\nx = 1"
     if tok(probe, add_special_tokens=False)["input_ids"] != sp.encode(probe):
-        raise UserError(f"model.path: {folder}: its tokenizer.model is not a Llama-style BPE model tuneforge can rebuild (add tokenizer.json)")
+        raise UserError(f"{place}: {folder}: its tokenizer.model is not a Llama-style BPE model tuneforge can rebuild (add tokenizer.json)")
     return tok
 
 
@@ -145,21 +158,62 @@ def load_model(source: str, cfg: ModelConfig | None = None, dtype: str = "auto")
         kwargs["attn_implementation"] = attn
     if cfg and cfg.revision:
         kwargs["revision"] = cfg.revision
+    moe = bool(cfg and cfg.quantize) and has_fused_experts(source, cfg)
+    if moe and cfg.quantize == "8bit":
+        raise UserError("model.quantize: 8bit leaves this MoE's fused experts (most of its weights) at full precision; "
+                        "use quantize: 4bit, which stores them in 4 bits too")
+    staged = moe and torch_cuda() is not None and not cfg.device_map
     if cfg and cfg.quantize:
         kwargs["quantization_config"] = bnb_config(cfg)
         if torch_cuda() is not None:
-            kwargs["device_map"] = {"": torch_cuda()}  # bitsandbytes quantizes while placing on the GPU
-    if cfg and cfg.device_map and torch_cuda() is not None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("model.device_map: auto splits one model over the GPUs of ONE process; run without --nproc "
-                            "(or use train.deepspeed / train.fsdp to shard across processes)")
+            # bitsandbytes quantizes while placing on the GPU. An MoE loads in CPU RAM first, so that its
+            # experts reach the GPU already in 4 bits (Experts4bit quantizes them there one at a time).
+            kwargs["device_map"] = {"": "cpu" if staged else torch_cuda()}
+    if cfg and cfg.device_map:
+        check_device_map()
         kwargs["device_map"] = "auto"  # accelerate dispatches layers over the GPUs; outputs return to the input device
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a model from {source}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
         raise weights_error(source, exc) from None
+    if moe:
+        from tuneforge.model.moe import quantize_fused_experts
+
+        quantize_fused_experts(model, cfg.quant_type, cfg.double_quant, kwargs["quantization_config"].bnb_4bit_compute_dtype,
+                               device=f"cuda:{torch_cuda()}" if staged else None)
+        if staged:
+            model.to(f"cuda:{torch_cuda()}")
+    return model
+
+
+def has_fused_experts(source: str, cfg: ModelConfig) -> bool:
+    """Whether the model keeps MoE experts as fused 3-D parameters (built on the meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuneforge.model.moe import fused_experts
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        with torch.device("meta"):
+            return bool(fused_experts(AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a model from {source}: {str(exc).splitlines()[0]}") from None
+
+
+def check_device_map() -> None:
+    """model.device_map: auto needs two or more GPUs in one process; anything else is refused, not ignored."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("model.device_map: auto splits one model over the GPUs of ONE process; run without --nproc "
+                        "(or use train.deepspeed / train.fsdp to shard across processes)")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < 2:
+        raise UserError(f"model.device_map: auto splits one model over several GPUs, but this machine shows {gpus}; "
+                        "remove model.device_map (one GPU or CPU holds the whole model)")
 
 
 def attn_implementation(name: str) -> str | None:
@@ -200,8 +254,16 @@ def bnb_config(cfg: ModelConfig):
 
 
 def weights_error(folder: str | Path, exc: Exception) -> Exception:
-    """A corrupt .safetensors file -> a UserError naming it (safetensors' own error names no file);
-    any other exception is returned unchanged (a bug: re-raised with its traceback)."""
+    """A corrupt .safetensors file -> a UserError naming it (safetensors' own error names no file); a pickle
+    that torch's weights_only loader refuses (it holds more than tensors) -> a UserError; any other exception
+    is returned unchanged (a bug: re-raised with its traceback)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        found = sorted(f.name for f in Path(folder).iterdir() if f.suffix in PICKLE_SUFFIXES) if Path(folder).is_dir() else []
+        where = f"{folder} ({', '.join(found)})" if found else str(folder)
+        return UserError(f"{where}: pickled weights that hold more than tensors; tuneforge never runs code from a weights "
+                         "file (give the weights as .safetensors)")
     if type(exc).__name__ != "SafetensorError":
         return exc
     from safetensors import safe_open

@@ -55,6 +55,10 @@ class Shape:
     intermediate: int
     kv_dim: int
     vocab: int
+    experts_per_token: int = 1  # MoE: experts each token runs through (its MLP activations scale with it)
+    params_by_name: dict[str, int] = field(default_factory=dict)  # for train.freeze (layers / name regexes)
+    layer_prefix: str = ""  # the decoder layers' ModuleList, e.g. "model.layers"
+    largest_matrix: int = 0  # elements of the largest quantizable matrix (one expert's, in an MoE)
 
     @property
     def embed_like(self) -> int:
@@ -70,7 +74,9 @@ class PlanInput:
     optimizer: str = "adamw"
     lora_r: int = 16
     lora_targets: str | list[str] = "all-linear"
-    trainable_fraction: float = 1.0  # freeze: share of parameters left trainable
+    trainable_fraction: float = 1.0  # freeze: share of parameters left trainable (when no layers/modules are given)
+    freeze_layers: int | None = None  # freeze: train.freeze.layers (top N decoder layers train)
+    freeze_modules: list[str] = field(default_factory=list)  # freeze: train.freeze.modules (name regexes that train)
     micro_batch_size: int = 4
     seq_len: int = 1024
     gradient_checkpointing: bool = False
@@ -101,6 +107,8 @@ def shape_from_config(model_config) -> Shape:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
+    from tuneforge.model.moe import FUSED, fused_experts
+
     head = model.get_output_embeddings()
     params = sum(p.numel() for p in model.parameters())
     dims, names, linear = [], [], 0
@@ -109,13 +117,30 @@ def shape_from_config(model_config) -> Shape:
             linear += mod.weight.numel()
             dims.append((mod.in_features, mod.out_features))
             names.append(name)
+    # Fused MoE experts are 4-bit under quantize: 4bit (model/moe.py), like the Linear layers; never LoRA targets.
+    experts = [getattr(m, p) for _, m in fused_experts(model) for p in FUSED]
+    linear += sum(w.numel() for w in experts)
+    largest = max([i * o for i, o in dims] + [w[0].numel() for w in experts] + [0])
     c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     heads = getattr(c, "num_attention_heads", 1)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     kv = getattr(c, "num_key_value_heads", None) or heads
+    layer_prefix = next((n for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.ModuleList) and len(m) == c.num_hidden_layers), "")
     return Shape(params=params, linear_params=linear, lora_dims=dims, lora_names=names, hidden=c.hidden_size,
                  layers=c.num_hidden_layers, intermediate=getattr(c, "intermediate_size", 4 * c.hidden_size),
-                 kv_dim=kv * head_dim, vocab=c.vocab_size)
+                 kv_dim=kv * head_dim, vocab=c.vocab_size, experts_per_token=getattr(c, "num_experts_per_tok", None) or 1,
+                 params_by_name={n: p.numel() for n, p in model.named_parameters()}, layer_prefix=layer_prefix,
+                 largest_matrix=largest)
+
+
+def freeze_trainable(shape: Shape, layers: int | None, modules: list[str]) -> int:
+    """Parameters a train.freeze run trains: the top `layers` decoder layers and every name matching `modules`
+    (the same rule as model/adapters.freeze)."""
+    prefixes = tuple(f"{shape.layer_prefix}.{i}." for i in range(shape.layers - (layers or 0), shape.layers)) if layers else ()
+    regexes = [re.compile(p) for p in modules]
+    return sum(n for name, n in shape.params_by_name.items()
+               if (prefixes and name.startswith(prefixes)) or any(r.search(name) for r in regexes))
 
 
 def lora_params(shape: Shape, r: int, targets) -> int:
@@ -131,17 +156,25 @@ def plan(shape: Shape, x: PlanInput, grad_accum: int = 1, peak_tflops: float | N
     wb = DTYPE_BYTES[x.weight_dtype]
     n = max(1, x.nproc)
     notes = []
-    # Weights: quantized linear layers (bnb nf4 ~4.13 bits with double-quant absmax; int8 + scales ~8.06 bits),
-    # embeddings, norms and the head stay at the weights' dtype.
+    # Weights: quantized linear layers and MoE experts (bnb nf4 ~4.13 bits with double-quant absmax; int8 + scales
+    # ~8.06 bits); embeddings, norms and the head at the weights' dtype, or fp32 on a quantized base (peft's k-bit
+    # preparation upcasts every parameter it does not quantize).
+    dequant = 0.0
     if x.quantize == "4bit":
-        weights = shape.linear_params * 4.127 / 8 + shape.embed_like * wb
+        weights = shape.linear_params * 4.127 / 8 + shape.embed_like * 4
     elif x.quantize == "8bit":
-        weights = shape.linear_params * 8.06 / 8 + shape.embed_like * wb
+        weights = shape.linear_params * 8.06 / 8 + shape.embed_like * 4
     else:
         weights = shape.params * wb
+    if x.quantize:
+        # Each quantized matmul de-quantizes its matrix (forward and again in backward): the largest one at
+        # compute precision, plus its cast, is alive at a time.
+        dequant = 2.0 * shape.largest_matrix * 2
     if x.finetune == "lora" or x.quantize:
         trainable, tb = lora_params(shape, x.lora_r, x.lora_targets), 4  # peft keeps adapters in fp32
         weights += trainable * tb
+    elif x.finetune == "freeze" and (x.freeze_layers or x.freeze_modules):
+        trainable, tb = freeze_trainable(shape, x.freeze_layers, x.freeze_modules), wb
     elif x.finetune == "freeze":
         trainable, tb = int(shape.params * x.trainable_fraction), wb
     else:
@@ -167,6 +200,8 @@ def plan(shape: Shape, x: PlanInput, grad_accum: int = 1, peak_tflops: float | N
     parts = {"weights": weights, "gradients": grads, "optimizer": optim,
              "activations": activation_bytes(shape, x, tokens), "logits": tokens * shape.vocab * 10.0,
              "runtime": float(ACT_OVERHEAD_BYTES)}
+    if dequant:
+        parts["dequantized"] = dequant
     return Plan(parts, trainable, shape.params, step_seconds(shape, x, grad_accum, peak_tflops), tokens, x, notes)
 
 
@@ -175,7 +210,7 @@ def activation_bytes(shape: Shape, x: PlanInput, tokens: int) -> float:
     (norm in/out, q, attention out, o_proj in, residuals, fp32 norm stats), k/v, and ~4 MLP-width tensors
     (gate, up, act(gate), act*up). With checkpointing only each layer's input stays, plus one layer's set."""
     ab = 2 if x.mixed_precision in ("bf16", "fp16") or x.weight_dtype != "float32" else 4
-    per_layer = ab * (12 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate)
+    per_layer = ab * (12 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate * shape.experts_per_token)
     if x.gradient_checkpointing:
         return tokens * (shape.layers * shape.hidden * ab + per_layer)
     return tokens * shape.layers * per_layer
@@ -250,6 +285,7 @@ def inputs_from_config(cfg, nproc: int = 1, assume_gpu: bool = True) -> PlanInpu
         finetune=t.finetune if t.finetune in ("full", "lora", "freeze") else "lora", weight_dtype=dtype, mixed_precision=mp,
         quantize=str(quantize) if quantize else None, optimizer=str(getattr(t, "optimizer", "adamw") or "adamw"),
         lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules, micro_batch_size=t.micro_batch_size, seq_len=seq,
+        freeze_layers=t.freeze.layers, freeze_modules=list(t.freeze.modules),
         gradient_checkpointing=t.gradient_checkpointing, nproc=nproc, sharding=sharding, offload="offload" in ds,
     )
 
