@@ -85,22 +85,24 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data, concurrency=2):
+    def __init__(self, data, concurrency=2, args=(), env=None):
         self.data, self.concurrency, self.port, self.proc = data, concurrency, free_port(), None
+        self.args, self.env = list(args), env  # more `serve` options; the server's environment (default: ours)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self):
+    def start(self, ready=(200,)):
         log = open(self.data.parent / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--data-dir", str(self.data), "--port",
-                                      str(self.port), "--concurrency", str(self.concurrency)], stdout=log, stderr=log)
-        wait_for(lambda: self._up(), timeout=120)
+                                      str(self.port), "--concurrency", str(self.concurrency), *self.args],
+                                     stdout=log, stderr=log, env=self.env)
+        wait_for(lambda: self._up(ready), timeout=120)
         return self
 
-    def _up(self):
+    def _up(self, ready=(200,)):
         import httpx
 
         try:
-            return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
+            return httpx.get(self.url + "/healthz", timeout=2).status_code in ready
         except httpx.HTTPError:
             return False
 

@@ -87,6 +87,11 @@ DOCS_CSP = ("default-src 'none'; script-src https://cdn.jsdelivr.net 'unsafe-inl
             "img-src https://fastapi.tiangolo.com data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
+def quota_error(most: int) -> RequestError:
+    return _error(429, "jobs", f"you already have {most} unfinished jobs (queued or running), the most this server "
+                  "allows per user: wait for one to end or cancel one", {"Retry-After": "60"})
+
+
 def security_headers(path: str) -> dict[str, str]:
     from tuneforge.serve.dashboard import PAGE_CSP
 
@@ -168,7 +173,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
     def current_user(request: Request) -> str:
         user = user_for(store, request.headers.get("authorization"))
         if user is None:
-            raise _error(401, "authorization", "missing or invalid bearer token (tuneforge serve token create --user NAME)",
+            raise _error(401, "authorization", "missing, unknown, revoked or expired bearer token (tuneforge serve token create --user NAME)",
                          {"WWW-Authenticate": "Bearer"})
         return user
 
@@ -192,6 +197,8 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
         except (ValueError, RecursionError) as exc:
             raise _error(400, "body", f"not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]})") from None
         check_depth(body)
+        if store.unfinished(user) >= limits.max_jobs:  # cheap first refusal: a flood costs no validation
+            raise quota_error(limits.max_jobs)
         spec = parse_request(body, user)
         run_id = spec.run_id or uuid.uuid4().hex[:12]
         from tuneforge.serve.paths import confine
@@ -207,9 +214,8 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
                                 report_json=json.dumps(spec.report), run_dir=str(run_dir),
                                 needs_credentials=bool(spec.credentials),
                                 credential_names=",".join(sorted(spec.credentials)))
-        except QuotaExceeded as exc:
-            raise _error(429, "jobs", f"you have {exc.args[0]} unfinished jobs, the most this server queues per user "
-                         f"({limits.max_jobs}): wait for one to end or cancel one", {"Retry-After": "60"}) from None
+        except QuotaExceeded:
+            raise quota_error(limits.max_jobs) from None
         if spec.credentials:
             worker.credentials[job.id] = spec.credentials
         not_mapped = [r for r in spec.report if r["status"] == "not mapped"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import UserError
+from tuneforge.serve.paths import DEFAULT_DISK_QUOTA
 from tuneforge.serve.schema import RequestError
 
 MAX_JSON_DEPTH = 32  # a real config nests about 6 deep; 400+ crashed the worker's YAML/JSON writers
@@ -30,7 +31,7 @@ class Limits:
     max_checkpoints: int = 200  # checkpoints one job may write over its whole run
     max_num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)
     page_size: int = 50  # GET /v1/jobs without ?limit=
-    disk_quota: int | None = None  # bytes per user workspace (enforced by the worker)
+    disk_quota: int | None = DEFAULT_DISK_QUOTA  # bytes per user (enforced by the worker); None: no quota
 
 
 def refuse(status: int, loc: str, msg: str) -> RequestError:

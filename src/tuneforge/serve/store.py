@@ -133,15 +133,17 @@ class Store:
     def add_job(self, max_unfinished: int | None = None, **fields) -> Job:
         """Queue a job; with `max_unfinished`, raise QuotaExceeded when its user already has that many unfinished."""
         with self.session.begin() as s:
-            if max_unfinished is not None:
-                have = s.scalar(select(func.count()).select_from(Job).where(
-                    Job.user == fields["user"], Job.status.in_(UNFINISHED)))
-                if have >= max_unfinished:
-                    raise QuotaExceeded(have)
+            if max_unfinished is not None and s.scalar(select(func.count()).select_from(Job).where(
+                    Job.user == fields["user"], Job.status.in_(UNFINISHED))) >= max_unfinished:
+                raise QuotaExceeded(fields["user"])
             seq = (s.scalar(select(Job.seq).order_by(Job.seq.desc()).limit(1)) or 0) + 1
             job = Job(id=fields.pop("id", None) or uuid.uuid4().hex[:16], seq=seq, created_at=time.time(), **fields)
             s.add(job)
         return job
+
+    def unfinished(self, user: str) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(Job).where(Job.user == user, Job.status.in_(UNFINISHED)))
 
     def get(self, job_id: str) -> Job | None:
         with self.session() as s:
@@ -201,10 +203,11 @@ class Store:
 
     def revoke_tokens(self, token_id: int | None = None, user: str | None = None) -> int:
         """Revoke one token by id, or every live token of a user; returns how many were revoked."""
+        now = time.time()
         with self.session.begin() as s:
-            q = update(Token).where(Token.revoked_at.is_(None))
+            q = update(Token).where(Token.revoked_at.is_(None), Token.expires_at.is_(None) | (Token.expires_at > now))
             q = q.where(Token.id == token_id) if token_id is not None else q.where(Token.user == user)
-            return s.execute(q.values(revoked_at=time.time())).rowcount
+            return s.execute(q.values(revoked_at=now)).rowcount
 
 
 def config_of(job: Job) -> dict[str, Any]:
