@@ -16,16 +16,51 @@ from tuneforge.errors import UserError, decode_utf8
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read YAML/JSON, apply overrides, validate. Relative paths in the config are relative to the working directory."""
+    """Read YAML/JSON, apply overrides, validate. Relative paths in the config are relative to the working directory.
+
+    A job of the server (TUNEFORGE_JOB=1, set by its worker) is a guest: no `.env` is read, nothing is expanded,
+    and every path is checked again against the job's workspace (TUNEFORGE_JOB_ROOMS), so a link planted after
+    the job was accepted is refused here."""
+    import os
+
     raw = read_config_file(path)
     for key, value in parse_overrides(overrides or []):
         set_dotted(raw, key, value)
-    load_dotenv_secrets(Path(path).parent)
-    expand_env_paths(raw, str(path))
+    job = os.environ.get("TUNEFORGE_JOB") == "1"
+    if job:
+        refuse_job_variables(raw, str(path))
+    else:
+        load_dotenv_secrets(Path(path).parent)
+        expand_env_paths(raw, str(path))
     cfg = validate(raw, source=str(path))
+    if job:
+        confine_job(cfg, str(path))
     refuse_special_files(cfg)
     cfg._config_path = Path(path)
     return cfg
+
+
+def refuse_job_variables(raw: dict[str, Any], source: str) -> None:
+    from tuneforge.config.confine import find_variable
+
+    where = find_variable(raw)
+    if where:
+        raise UserError(f"{source}: {where}: '${{' in a job config: a job's values are never expanded (write the value out)")
+
+
+def confine_job(cfg: Config, source: str) -> None:
+    """The server's path rule, applied again by the job itself just before it reads anything."""
+    import os
+
+    from tuneforge.config.confine import GuestError, Rooms, confine_config
+
+    rooms = os.environ.get("TUNEFORGE_JOB_ROOMS")
+    if not rooms:
+        raise UserError(f"{source}: TUNEFORGE_JOB=1 without TUNEFORGE_JOB_ROOMS: a job is started by `tuneforge serve`")
+    try:
+        confine_config(cfg, Rooms.from_json(rooms))
+    except GuestError as exc:
+        raise UserError(f"{source}: {exc.loc}: {exc.msg}") from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -159,9 +194,13 @@ def _path_slots(raw: dict[str, Any]):
     """(place, mapping, key) of every path in a raw config: where `${VAR}` and `~` are expanded."""
     sections = {name: raw.get(name) if isinstance(raw.get(name), dict) else {} for name in ("model", "data", "output")}
     yield "model.path", sections["model"], "path"
+    if sections["model"].get("tokenizer"):
+        yield "model.tokenizer", sections["model"], "tokenizer"
     if str(sections["model"].get("chat_template", "")).endswith((".jinja", ".j2")):
         yield "model.chat_template", sections["model"], "chat_template"
     yield "data.cache_dir", sections["data"], "cache_dir"
+    if sections["data"].get("export_dir"):
+        yield "data.export_dir", sections["data"], "export_dir"
     yield "output.dir", sections["output"], "dir"
     for split in ("train", "eval"):
         specs = sections["data"].get(split)
@@ -196,11 +235,14 @@ def expand_env_paths(raw: dict[str, Any], source: str) -> None:
 
 def load_dotenv_secrets(folder: Path) -> None:
     """Secrets (HF_TOKEN, WANDB_API_KEY) come from the environment or a .env file; never from the config."""
+    import io
+
     from dotenv import load_dotenv
 
     for candidate in (folder / ".env", Path.cwd() / ".env"):
         if candidate.is_file():
-            load_dotenv(candidate, override=False)
+            text = decode_utf8(candidate.read_bytes(), candidate)  # a non-UTF-8 .env is named, not a traceback
+            load_dotenv(stream=io.StringIO(text), override=False)
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> Config:
@@ -289,7 +331,7 @@ def is_hub_id(path: str) -> bool:
 
 def _input_paths(cfg: Config) -> list[tuple[str, str]]:
     """(config place, path) of every local file or folder the config reads."""
-    out = [("model.path", cfg.model.path)]
+    out = [("model.path", cfg.model.path)] + ([("model.tokenizer", cfg.model.tokenizer)] if cfg.model.tokenizer else [])
     tpl = cfg.model.chat_template
     if tpl and tpl.endswith((".jinja", ".j2")):
         out.append(("model.chat_template", tpl))

@@ -1,26 +1,61 @@
-"""Keep every path of a job inside the server's data directory.
+"""A job is a guest: every path it names stays in its user's workspace, and it reaches only what the operator allows.
 
-A user's relative paths are read from their workspace (DATA/users/USER); absolute paths, `..` and symlinks
-that lead outside DATA are refused (400). The server, not the request, decides where runs and caches go.
-A name that is not a file in the workspace stays as given: it is a hub id (org/name).
+The rule for paths (config/confine.py) finds them from the schema's `PathField` markers, so a field added later
+is covered without a change here: resolved (symlinks followed, `file:` URIs percent-decoded) each must lie in
+DATA/users/USER, or in the server's model cache (read-only). A name that is no file in the workspace stays as
+given: a hub id. The server, not the request, decides where runs and the data cache go. Nothing in a job is
+expanded (`${` anywhere is refused) and tracker URLs must be ones `serve --allow-tracker` names.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tuneforge.serve.schema import NAME, RequestError
+from tuneforge.config.confine import GuestError, Rooms, confine_config, refuse_variables
+from tuneforge.serve.schema import NAME, RequestError, validate_config
 
-# (dotted key, only when the value ends with one of these suffixes)
-PATH_KEYS = [("model.path", None), ("model.tokenizer", None), ("model.chat_template", (".jinja", ".j2")),
-             ("lora.init_from", None), ("train.deepspeed", (".json",))]
+DEFAULT_DISK_QUOTA = 20 << 30  # bytes per user (workspace + data cache, checkpoints included)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.load runs code from these
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
 
 
-def _bad(loc: str, msg: str) -> RequestError:
-    return RequestError(400, [{"loc": loc, "msg": msg}])
+@dataclass
+class GuestPolicy:
+    """What the operator lets a job do (serve options): trackers it may contact, a bubblewrap sandbox, disk per user."""
+
+    trackers: tuple[str, ...] = ()
+    sandbox: bool = False
+    disk_quota: int = DEFAULT_DISK_QUOTA
+
+    def __post_init__(self):
+        from tuneforge.errors import UserError
+
+        for url in self.trackers:
+            if not re.match(r"^https?://[^/@\s]+", url):
+                raise UserError(f"--allow-tracker {url!r}: give the tracker's http(s) URL, e.g. https://mlflow.example.com")
+
+    def rooms(self, data_dir: Path, user: str) -> Rooms:
+        return Rooms(workspace=data_dir / "users" / user, read_only=(model_cache(),),
+                     writable=(data_dir / "cache" / user,), trackers=self.trackers)
+
+
+def model_cache() -> Path:
+    """The hub cache jobs load hub models from (HF_HUB_CACHE): readable by every job, written only by downloads."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def wandb_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
+
+
+def _bad(loc: str, msg: str, status: int = 400) -> RequestError:
+    return RequestError(status, [{"loc": loc, "msg": msg}])
 
 
 def check_relative(value: str, loc: str) -> PurePosixPath:
@@ -38,43 +73,54 @@ def inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
         return True
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):
         return False
 
 
-def resolve_input(value: str, loc: str, workspace: Path, data_dir: Path) -> str:
-    """A file the job reads: confined to DATA; returns the absolute path, or the value unchanged for a hub id."""
-    rel = check_relative(value, loc)
-    candidate = workspace / rel
-    if os.path.lexists(candidate):
-        if not inside(candidate, data_dir):
-            raise _bad(loc, f"{value!r} is a link that leads outside the server's data directory")
-        return str(candidate.resolve())
-    return value
-
-
-def confine(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path) -> tuple[dict[str, Any], Path]:
-    """Rewrite a job's config so it reads only inside DATA and writes only into its own run directory."""
+def confine(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path, policy: GuestPolicy | None = None,
+            credentials: dict[str, str] | None = None) -> tuple[dict[str, Any], Path]:
+    """Check a job's config against its user's workspace; returns it with the paths it runs with, and its run dir."""
+    policy = policy or GuestPolicy()
     if not re.match(NAME, run_id or ""):
         raise _bad("run_id", f"{run_id!r}: use 1-64 letters, digits, '.', '_' or '-' (no '/' or '..')")
     workspace = data_dir / "users" / user
     workspace.mkdir(parents=True, exist_ok=True)
+    try:
+        refuse_variables(cfg)
+    except GuestError as exc:
+        raise _bad(exc.loc, exc.msg, exc.status) from None
     model, data = cfg.get("model") or {}, cfg.get("data") or {}
     if (model.get("trust_remote_code") if isinstance(model, dict) else False):
         raise _bad("model.trust_remote_code", "this server does not run code shipped with a model")
     if isinstance(data, dict) and data.get("allow_code"):
         raise _bad("data.allow_code", "this server does not import code named by a request")
-    for key, suffixes in PATH_KEYS:
-        section, _, name = key.partition(".")
-        node = cfg.get(section)
-        if isinstance(node, dict) and isinstance(node.get(name), str):
-            if suffixes is None or node[name].endswith(suffixes):
-                node[name] = resolve_input(node[name], key, workspace, data_dir)
+    for split in ("train", "eval"):
+        specs = data.get(split) if isinstance(data, dict) else None
+        for i, spec in enumerate(specs if isinstance(specs, list) else []):
+            if isinstance(spec, dict) and ":" in str(spec.get("custom") or ""):
+                raise _bad(f"data.{split}.{i}.custom", "this server does not import code named by a request (module:attr); "
+                                                       "use a path to a data file in your workspace")
+    run_dir = _server_places(cfg, user, run_id, data_dir, workspace)
+    checked = validate_config(cfg, "config")
+    rooms = policy.rooms(data_dir, user)
+    try:
+        resolved = confine_config(checked, rooms)
+    except GuestError as exc:
+        raise _bad(exc.loc, exc.msg, exc.status) from None
+    for slot, value in resolved:
+        if slot.marker.role == "read":
+            refuse_pickle(slot.dotted, value)
+        _set_in(cfg, slot.loc, value)
+    if checked.tracking.wandb is not None and (credentials or {}).get("WANDB_API_KEY") and wandb_url() not in policy.trackers:
+        raise _bad("tracking.wandb", f"a W&B key was given, so the job would contact {wandb_url()}; this server contacts "
+                                     "only trackers its operator allows (serve --allow-tracker), or drop the key to log offline", 422)
+    return cfg, run_dir
+
+
+def _server_places(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path, workspace: Path) -> Path:
+    """The run directory (DATA/users/USER/runs/RUN_ID/<output.dir>) and the data cache (DATA/cache/USER)."""
+    data = cfg.get("data")
     if isinstance(data, dict):
-        for split in ("train", "eval"):
-            for i, spec in enumerate(data.get(split) or []):
-                if isinstance(spec, dict) and isinstance(spec.get("path"), str):
-                    spec["path"] = resolve_input(spec["path"], f"data.{split}.{i}.path", workspace, data_dir)
         if "cache_dir" in data:
             check_relative(str(data["cache_dir"]), "data.cache_dir")
         data["cache_dir"] = str(data_dir / "cache" / user)
@@ -86,9 +132,28 @@ def confine(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path) -> tupl
     if not inside(run_dir, workspace):
         raise _bad("output.dir", "the run directory must stay inside your workspace")
     output["dir"] = str(run_dir)
-    tracking = cfg.get("tracking")
-    mlflow = tracking.get("mlflow") if isinstance(tracking, dict) else None
-    if isinstance(mlflow, dict) and str(mlflow.get("uri", "")).startswith("file:"):
-        local = check_relative(str(mlflow["uri"])[5:], "tracking.mlflow.uri")
-        mlflow["uri"] = f"file:{workspace / local}"
-    return cfg, run_dir
+    return run_dir
+
+
+def refuse_pickle(name: str, value: str) -> None:
+    """Pickled weights run code when loaded (torch.load): a job may bring safetensors only."""
+    p = Path(value)
+    if not p.is_absolute():
+        return  # no such file in the workspace: a hub id
+    if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES):
+        raise _bad(name, f"{p.name} is a pickle file, which runs code when loaded: this server takes weights as "
+                         ".safetensors only (convert it, e.g. save_pretrained(safe_serialization=True))", 422)
+    if p.is_dir():
+        names = [c.name for c in p.iterdir() if c.is_file()]
+        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES) and not n.startswith("training_args")]
+        if pickles and not any(n.endswith(".safetensors") for n in names):
+            raise _bad(name, f"{pickles[0]} is a pickle file, which runs code when loaded, and there are no .safetensors "
+                             "weights: this server takes weights as .safetensors only (convert them with "
+                             "save_pretrained(safe_serialization=True))", 422)
+
+
+def _set_in(cfg: dict[str, Any], loc: tuple, value: str) -> None:
+    node: Any = cfg
+    for part in loc[:-1]:
+        node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+    node[loc[-1]] = value

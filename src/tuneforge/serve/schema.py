@@ -84,6 +84,7 @@ def parse_request(body: Any, user: str) -> JobSpec:
     """Validate the request's shape and translate it; raise RequestError(422/403) naming the field."""
     if not isinstance(body, dict) or not ({"input", "config"} & set(body)):
         raise RequestError(422, [{"loc": "body", "msg": "expected {\"input\": {...}} (worker request) or {\"config\": {...}} (tuneforge config)"}])
+    refuse_expansion(body)
     if "input" in body:
         try:
             req = SeedRequest.model_validate(body)
@@ -112,11 +113,29 @@ def parse_request(body: Any, user: str) -> JobSpec:
     return JobSpec(req.config, req.run_id, req.model_id, "native", req.credentials.env())
 
 
-def validate_config(raw: dict[str, Any], loc_prefix: str) -> None:
-    """The tuneforge schema's verdict, as 422 errors with the full field path."""
+def refuse_expansion(body: dict[str, Any]) -> None:
+    """`${` anywhere in a request (credentials aside) is a 422 naming its place: a job expands nothing, so the
+    server's environment never reaches a job through a value (the seed's args included, mapped or not)."""
+    from tuneforge.config.confine import find_variable
+
+    for top in ("input", "config"):
+        node = body.get(top)
+        if isinstance(node, dict):
+            node = {k: v for k, v in node.items() if k != "credentials"}
+        try:
+            where = find_variable(node, top)
+        except RecursionError:
+            raise RequestError(422, [{"loc": top, "msg": "nested too deeply to be a job (check the brackets)"}]) from None
+        if where:
+            raise RequestError(422, [{"loc": where, "msg": "'${' found: values of a job are never expanded from the "
+                                                         "server's environment (write the value out)"}])
+
+
+def validate_config(raw: dict[str, Any], loc_prefix: str):
+    """The tuneforge schema's verdict (the validated Config), or 422 errors with the full field path."""
     from tuneforge.config.schema import Config
 
     try:
-        Config.model_validate(raw)
+        return Config.model_validate(raw)
     except ValidationError as exc:
         raise RequestError(422, pydantic_errors(exc, (loc_prefix,) if loc_prefix else ())) from None

@@ -5,6 +5,11 @@ Children get SIGTERM when the server dies (Linux PR_SET_PDEATHSIG): they checkpo
 server start resumes them with `--resume` (or restarts them when no checkpoint exists; after MAX_ATTEMPTS
 the job ends `failed` with the reason). A child that outlives its server (no PDEATHSIG) is watched until it
 exits, never started a second time. Credentials are passed in the child's environment only.
+
+A job is a guest: the child's environment is an allowlist (never the server's environment minus a blocklist),
+HOME and TMPDIR are the user's workspace, the child re-checks its paths itself (TUNEFORGE_JOB=1: no `.env`,
+no expansion), `serve --sandbox` runs it under bubblewrap, and a user past the disk quota has their runs
+stopped (checkpointed) with the reason.
 """
 
 from __future__ import annotations
@@ -22,14 +27,22 @@ from typing import Callable
 
 import yaml
 
+from tuneforge.serve.paths import GuestPolicy, model_cache, wandb_url
 from tuneforge.serve.store import (
     CANCELLED, FAILED, FINISHED, NEEDS_CREDENTIALS, QUEUED, RUNNING, Job, Store, config_of,
 )
 
 MAX_ATTEMPTS = 3
 CANCEL_GRACE_S = 120.0  # a cancelled child has this long to checkpoint before SIGKILL
-# Environment a job must not inherit from the server: it would let a request run arbitrary code.
-BLOCKED_ENV = ("TUNEFORGE_ALLOW_CODE",)
+QUOTA_EVERY_S = 5.0  # how often a running user's disk use is measured
+# The only server variables a job sees: how to run programs, the language, GPUs, hub caches and thread counts.
+# Anything else (tokens, cloud keys, TUNEFORGE_ALLOW_CODE, proxies) stays with the server.
+ENV_ALLOW = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "CUDA_HOME", "CUDA_PATH",
+             "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "PYTORCH_CUDA_ALLOC_CONF", "TORCH_EXTENSIONS_DIR",
+             "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
+             "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY",
+             "TUNEFORGE_FAULT", "TUNEFORGE_SKIP_PLAN", "TUNEFORGE_PEAK_TFLOPS")
+ENV_ALLOW_PREFIXES = ("LC_", "NCCL_")
 
 
 def default_concurrency() -> int:
@@ -122,6 +135,9 @@ class Worker:
         self.credentials: dict[str, dict[str, str]] = {}  # job id -> env; memory only, by design
         self.term_sent: dict[str, float] = {}
         self.recovered = False
+        self.guest = GuestPolicy()  # set by `serve` options: trackers, sandbox, disk quota
+        self.over_quota: dict[str, str] = {}  # job id -> why it was stopped
+        self.quota_checked = 0.0
 
     # ---- the loop body -------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -130,6 +146,7 @@ class Worker:
         self._reap()
         orphans = self._watch_orphans()
         self._cancel_requested()
+        self._enforce_quota()
         if not orphans:  # a child of the previous server still holds its GPU/CPU slot: start nothing until it exits
             self._start_queued()
 
@@ -179,9 +196,33 @@ class Worker:
         self.term_sent[job_id] = time.time()
         if pid:
             try:
-                os.kill(pid, signal.SIGTERM)  # graceful: the run checkpoints, marks itself interrupted, exits
+                os.kill(job_process(pid), signal.SIGTERM)  # graceful: the run checkpoints, marks itself interrupted, exits
             except OSError:
                 pass
+
+    # ---- disk quota ----------------------------------------------------------------------------------
+    def _enforce_quota(self) -> None:
+        """A user past the quota (workspace + data cache, checkpoints included): their running jobs checkpoint and stop."""
+        quota = self.guest.disk_quota
+        if not quota or not self.procs or time.time() - self.quota_checked < QUOTA_EVERY_S:
+            return
+        self.quota_checked = time.time()
+        jobs = [j for j in (self.store.get(i) for i in self.procs) if j is not None and j.id not in self.over_quota]
+        for user in {j.user for j in jobs}:
+            used = user_disk_use(self.store.data_dir, user)
+            if used <= quota:
+                continue
+            for job in (j for j in jobs if j.user == user):
+                self.over_quota[job.id] = (f"disk quota exceeded: {user!r} uses {_gib(used)} of {_gib(quota)} "
+                                           "(serve --disk-quota; checkpoints count): free space and resume the run")
+                self.log(f"job {job.id}: {self.over_quota[job.id]}")
+                self._term(job.id, self.procs[job.id][0].pid)
+
+    def _over_quota_now(self, job: Job) -> str | None:
+        quota = self.guest.disk_quota
+        used = user_disk_use(self.store.data_dir, job.user) if quota else 0
+        return (f"disk quota exceeded: {job.user!r} uses {_gib(used)} of {_gib(quota)} (serve --disk-quota): "
+                "free space, then submit again") if quota and used > quota else None
 
     def _start_queued(self) -> None:
         free = [i for i in range(self.concurrency) if i not in {s for _, s in self.procs.values()}]
@@ -193,6 +234,10 @@ class Worker:
             if job.needs_credentials and job.id not in self.credentials:
                 self.store.set(job.id, (QUEUED,), status=NEEDS_CREDENTIALS,
                                reason=f"credentials missing: POST /v1/jobs/{job.id}/credentials")
+                continue
+            full = self._over_quota_now(job)
+            if full:
+                self.store.set(job.id, (QUEUED,), status=FAILED, reason=full, ended_at=time.time())
                 continue
             slot = free.pop(0)
             if not self.store.set(job.id, (QUEUED,), status=RUNNING, started_at=time.time(), attempts=job.attempts + 1):
@@ -220,17 +265,23 @@ class Worker:
             cmd.append("--resume")
         elif Path(job.run_dir).exists():
             cmd += ["--set", "output.overwrite=true"]  # a restart from scratch of this job's own run
-        env = {k: v for k, v in os.environ.items() if k not in BLOCKED_ENV}
-        env.update(self.credentials.get(job.id, {}))
-        env.update({"TUNEFORGE_JOB_ID": job.id, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "120"})
-        if (config_of(job).get("tracking") or {}).get("wandb") and not env.get("WANDB_API_KEY"):
-            env.setdefault("WANDB_MODE", "offline")  # no key sent: W&B logs into the run, syncable later
+        workspace = self.store.data_dir / "users" / job.user
+        rooms = self.guest.rooms(self.store.data_dir, job.user)
+        for folder_ in (workspace / ".tmp", *rooms.writable):
+            folder_.mkdir(parents=True, exist_ok=True)
+        env = job_env(workspace, folder, self.credentials.get(job.id, {}))
+        env.update({"TUNEFORGE_JOB_ID": job.id, "TUNEFORGE_JOB_ROOMS": rooms.to_json()})
+        tracking = config_of(job).get("tracking") or {}
+        if tracking.get("wandb") and not env.get("WANDB_API_KEY"):
+            env["WANDB_MODE"] = "offline"  # no key sent: W&B logs into the run, syncable later
+        elif tracking.get("wandb"):
+            env["WANDB_BASE_URL"] = wandb_url()  # the one the server checked against --allow-tracker
         if self.slots[slot] is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.slots[slot]
-        workspace = self.store.data_dir / "users" / job.user
-        workspace.mkdir(parents=True, exist_ok=True)
+        if self.guest.sandbox:
+            cmd = sandbox_command(cmd, rooms, folder, self.store.data_dir, share_net=bool(self.guest.trackers))
         with open(log_path(self.store, job.id), "ab") as log:
-            log.write(f"--- attempt {job.attempts + 1}: {' '.join(cmd[2:])}\n".encode())
+            log.write(f"--- attempt {job.attempts + 1}: {' '.join(cmd[cmd.index('-m') + 1:])}\n".encode())
             log.flush()
             proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if os.name == "posix" else None)
@@ -248,6 +299,11 @@ class Worker:
         now = time.time()
         if info.get("status") == "finished" and rc in (0, None):
             self.store.set(job_id, (RUNNING,), status=FINISHED, reason=None, ended_at=now, exit_code=rc, pid=None)
+            self.credentials.pop(job_id, None)
+        elif job_id in self.over_quota:
+            where = f"its checkpoint at step {step} is kept" if has_checkpoint(job.run_dir) else "no checkpoint was written"
+            self.store.set(job_id, (RUNNING,), status=FAILED, reason=f"{self.over_quota.pop(job_id)} ({where})",
+                           ended_at=now, exit_code=rc, pid=None)
             self.credentials.pop(job_id, None)
         elif job.cancel_requested:
             where = f"checkpoint at step {step}" if has_checkpoint(job.run_dir) else "no checkpoint"
@@ -285,3 +341,116 @@ class Worker:
                 proc.wait()
             self._finished(job_id, proc.returncode if proc.returncode != 0 else 0)
         self.procs.clear()
+
+
+# ---- the guest's environment, sandbox and disk -----------------------------------------------------------
+def job_env(workspace: Path, job_folder: Path, credentials: dict[str, str]) -> dict[str, str]:
+    """The child's whole environment: the allowlist, the job's own credentials, and the workspace as its home."""
+    env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
+    env.update(credentials)
+    env.update({
+        "HOME": str(workspace), "TMPDIR": str(workspace / ".tmp"),  # no files shared with other users' jobs
+        "HF_HUB_CACHE": str(model_cache()),  # the server's model cache (its token file is not used: below)
+        "HF_TOKEN_PATH": str(job_folder / "no-hf-token"),  # never the operator's `huggingface-cli login` token
+        "TUNEFORGE_JOB": "1", "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "120",
+    })
+    return env
+
+
+def _python_roots() -> list[Path]:
+    """What the child's interpreter and tuneforge need to run: read-only inside the sandbox."""
+    import tuneforge
+
+    roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix), Path(os.path.realpath(sys.executable)).parent.parent,
+             Path(tuneforge.__file__).resolve().parent.parent}
+    roots |= {Path(p) for p in sys.path if p and os.path.isdir(p)}
+    return sorted(r for r in roots if r.exists() and str(r) != "/")
+
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/sys")
+ETC_FILES = ("passwd", "group", "hosts", "resolv.conf", "nsswitch.conf", "ssl", "ca-certificates", "localtime",
+             "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "mime.types", "os-release", "fonts")
+
+
+def sandbox_command(cmd: list[str], rooms, job_folder: Path, data_dir: Path, share_net: bool) -> list[str]:
+    """`cmd` under bubblewrap: own namespaces (no network unless trackers are allowed), the system and Python
+    read-only, the model cache read-only, the job's config folder read-only, its workspace and data cache
+    read-write, and nothing else of the server: no data folder, no jobs.db, no other user, no home."""
+    args = ["bwrap", "--die-with-parent", "--unshare-all", *(["--share-net"] if share_net else []),
+            "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for d in SYSTEM_DIRS:
+        args += ["--ro-bind-try", d, d]
+    for name in ETC_FILES:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    for dev in sorted(Path("/dev").glob("nvidia*")) + [Path("/dev/dri")]:
+        args += ["--dev-bind-try", str(dev), str(dev)]
+    for root in _python_roots():
+        if root == data_dir or root in data_dir.parents:
+            continue  # e.g. the server's working directory on sys.path: it would show DATA whole
+        args += ["--ro-bind", str(root), str(root)]
+    args += ["--ro-bind-try", str(rooms.read_only[0]), str(rooms.read_only[0])] if rooms.read_only else []
+    args += ["--ro-bind", str(job_folder), str(job_folder)]
+    for rw in (rooms.workspace, *rooms.writable):
+        args += ["--bind", str(rw), str(rw)]
+    return [*args, "--chdir", str(rooms.workspace), *cmd]
+
+
+def sandbox_problem() -> str | None:
+    """Why `serve --sandbox` cannot work here (None: it can)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "--sandbox needs bubblewrap, which is not installed (apt install bubblewrap), or run without --sandbox"
+    try:
+        out = subprocess.run([bwrap, "--ro-bind", "/", "/", "--unshare-all", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"--sandbox: bubblewrap does not start here ({exc})"
+    if out.returncode != 0:
+        return f"--sandbox: bubblewrap cannot create namespaces here ({(out.stderr.strip().splitlines() or ['?'])[-1]})"
+    return None
+
+
+def job_process(pid: int) -> int:
+    """The process to signal for a job: the child itself, or under bubblewrap the job inside it (bwrap does not
+    pass SIGTERM on; killing bwrap would SIGKILL the job before it checkpoints)."""
+    try:
+        if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"bwrap"):
+            return pid
+    except OSError:
+        return pid
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                children.setdefault(int((p / "stat").read_text().rsplit(") ", 1)[1].split()[1]), []).append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    todo = [pid]
+    while todo:
+        for child in sorted(children.get(todo.pop(0), [])):
+            try:
+                if not Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"bwrap"):
+                    return child
+            except OSError:
+                continue
+            todo.append(child)
+    return pid
+
+
+def user_disk_use(data_dir: Path, user: str) -> int:
+    """Bytes on disk of a user's workspace and data cache (each inode once; links not followed)."""
+    seen, total = set(), 0
+    for root in (data_dir / "users" / user, data_dir / "cache" / user):
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                try:
+                    st = os.lstat(os.path.join(folder, name))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.1f} MiB"
