@@ -308,3 +308,52 @@ def test_every_known_credential_key_is_handled_as_a_secret():
             if looks_secret(key):
                 with pytest.raises(Secret):
                     rule("x")
+
+
+# --- X—LLM's own workflow keys (seed 000) -----------------------------------------------------------------------------
+
+
+def test_xllm_dataset_key_names_a_registered_dataset():
+    # the old importer stopped with "no train_local_path_to_data"
+    result = translate({"model_name_or_path": "m", "dataset_key": "support-tickets"}, "xllm")
+    assert Config.model_validate(result.config).data.train[0].custom == "support-tickets"
+    general = translate({"model_name_or_path": "m", "dataset_key": "general", "train_local_path_to_data": "t.jsonl"}, "xllm")
+    assert Config.model_validate(general.config).data.train[0].path == "t.jsonl"
+
+
+def test_xllm_fuse_quantize_and_push_become_the_export_section():
+    src = {**XLLM, "apply_lora": True, "fuse_after_training": True, "push_to_hub": True, "hub_model_id": "me/fused",
+           "hub_private_repo": False, "quantization_after_fusing": True, "quantization_dataset_id": "calib.jsonl",
+           "quantization_max_samples": 64, "gptq_bits": 8, "gptq_group_size": 64}
+    result = translate(src, "xllm")
+    assert result.left_out() == [], [(r.key, r.note) for r in result.left_out()]
+    e = Config.model_validate(result.config).export
+    assert e.merge and (e.hub_repo, e.hub_private, e.hub_push) == ("me/fused", False, "auto")
+    assert (e.quantize.method, e.quantize.bits, e.quantize.group_size, e.quantize.calibration, e.quantize.samples) == \
+        ("gptq", 8, 64, "calib.jsonl", 64)
+    # the GPTQ model to its own repo when only quantized_hub_model_id is given
+    q = translate({**src, "push_to_hub": False, "hub_model_id": None, "fuse_after_training": True,
+                   "quantized_hub_model_id": "me/gptq", "quantized_hub_private_repo": True}, "xllm")
+    e = Config.model_validate(q.config).export
+    assert (e.hub_repo, e.hub_push, e.hub_private) == ("me/gptq", "gptq", True)
+    # push_to_hub without a repo cannot be honoured: reported, not guessed
+    row = rows_by_key(translate({**XLLM, "push_to_hub": True}, "xllm"))["push_to_hub"]
+    assert row.status == NOT_MAPPED and "hub_model_id" in row.note
+
+
+def test_tokenizer_paths_and_classes():
+    x = translate({**XLLM, "tokenizer_name_or_path": "./tok"}, "xllm")
+    assert Config.model_validate(x.config).model.tokenizer == "./tok"
+    args = {**REQUEST["input"]["args"], "tokenizer_config": "./tok", "tokenizer_type": "LlamaTokenizerFast"}
+    a = translate(args, "axolotl")
+    assert Config.model_validate(a.config).model.tokenizer == "./tok"
+    assert rows_by_key(a)["tokenizer_type"].status == "ignored" and "AutoTokenizer" in rows_by_key(a)["tokenizer_type"].note
+    odd = rows_by_key(translate({**args, "tokenizer_type": "MyOwnTokenizer"}, "axolotl"))["tokenizer_type"]
+    assert odd.status == NOT_MAPPED and "MyOwnTokenizer" in odd.note
+
+
+def test_wandb_watch_is_refused_with_its_reason_and_off_is_ignored():
+    on = rows_by_key(translate({**REQUEST["input"]["args"], "wandb_watch": "gradients"}, "axolotl"))["wandb_watch"]
+    assert on.status == NOT_MAPPED and "histograms" in on.note
+    off = rows_by_key(translate({**REQUEST["input"]["args"], "wandb_watch": False}, "axolotl"))["wandb_watch"]
+    assert off.status == "ignored"
