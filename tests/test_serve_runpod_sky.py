@@ -41,6 +41,9 @@ def test_runpod_handler_rejects_bad_requests_with_error(tmp_path, monkeypatch):
     assert "output.dir" in handler({"id": "x", **seed_request("r2", output_dir="/etc")})["error"]
     assert "error" in handler({"id": "x", "input": None})
     assert "user_id" in handler({"id": "x", **seed_request("r3", user="../../etc")})["error"]
+    assert "config.train.save_every" in handler({"id": "x", **seed_request("r4", max_steps=10**9, save_steps=1)})["error"]
+    assert "config.data.num_proc" in handler({"id": "x", **seed_request("r5", dataset_processes=1024)})["error"]
+    assert not (tmp_path / "jobs").exists()  # refused before anything was written or run
     assert not (tmp_path.parent / "etc").exists()
 
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import yaml
 
-from tuneforge.serve.paths import confine
+from tuneforge.serve.limits import Limits, check_depth, check_job
+from tuneforge.serve.paths import GuestPolicy, confine
 from tuneforge.serve.schema import NAME, RequestError, parse_request, validate_config
-from tuneforge.serve.worker import BLOCKED_ENV, _die_with_parent, has_checkpoint, last_error_line, read_run_info
+from tuneforge.serve.worker import _die_with_parent, has_checkpoint, job_env, last_error_line, read_run_info
 
 
 def data_dir() -> Path:
@@ -50,10 +51,12 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     if not re.match(NAME, user):  # it names the workspace folder: no '/', no '..'
         return {"error": f"input.user_id: {user[:80]!r}: use 1-64 letters, digits, '.', '_' or '-'"}
     try:
+        check_depth(inp)
         spec = parse_request({"input": inp}, user)
         run_id = spec.run_id or str(job.get("id") or uuid.uuid4().hex[:12])
         cfg, run_dir = confine(spec.config, user, run_id, root)
         validate_config(cfg, "config")
+        check_job(cfg, Limits(), root)  # the same per-job limits as `tuneforge serve` (checkpoints, num_proc, paths)
     except RequestError as exc:
         return {"error": f"{exc.errors[0]['loc']}: {exc.errors[0]['msg']}", "detail": exc.errors}
     folder = root / "jobs" / run_id
@@ -63,14 +66,17 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "tuneforge", "train", str(cfg_path)]
     if has_checkpoint(run_dir) and read_run_info(run_dir).get("status") != "finished":
         cmd.append("--resume")  # RunPod retried this request: continue where the last attempt stopped
-    env = {k: v for k, v in os.environ.items() if k not in BLOCKED_ENV}
-    env.update(spec.credentials)
-    env.update({"PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "120"})
+    # the same guest environment as a `tuneforge serve` job: an allowlist, the request's credentials, its rooms
+    workspace, rooms = root / "users" / user, GuestPolicy().rooms(root, user)
+    for room in (workspace / ".tmp", *rooms.writable):
+        room.mkdir(parents=True, exist_ok=True)
+    env = job_env(workspace, folder, spec.credentials)
+    env["TUNEFORGE_JOB_ROOMS"] = rooms.to_json()
     if (cfg.get("tracking") or {}).get("wandb") and not env.get("WANDB_API_KEY"):
         env.setdefault("WANDB_MODE", "offline")
     log = folder / "log.txt"
     with log.open("ab") as fh:
-        proc = subprocess.Popen(cmd, cwd=root / "users" / user, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+        proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdin=subprocess.DEVNULL, stdout=fh,
                                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if os.name == "posix" else None)
         last = None
         while proc.poll() is None:
