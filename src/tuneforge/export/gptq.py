@@ -146,7 +146,7 @@ def load_source(path: str, log):
         return load_trained(path, dtype="float32")
     model, tokenizer, desc, quantized = load_for_merge(path, log)
     if quantized:  # de-quantize before any forward: on CPU bitsandbytes repacks 4-bit weights at the first one
-        model = with_weights(dequantized_weights(model), desc)
+        model = with_weights(dequantized_weights(model), desc, tokenizer)
         log(f"the adapter was trained on a {quantized} base: it is fused into that base de-quantized, then GPTQ-quantized")
     return model, tokenizer, desc
 
