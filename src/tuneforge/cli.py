@@ -57,6 +57,9 @@ def train(config: Path, overrides: Optional[List[str]] = SetOpt,
           nproc: int = typer.Option(1, "--nproc", min=1, max=1024, help="Training processes on this machine (one per GPU; DDP, or train.deepspeed / train.fsdp).")):
     """Fine-tune a model as described by CONFIG (YAML or JSON)."""
     cfg = _load(config, overrides)
+    from tuneforge.export.after import after_train, check as check_export
+
+    check_export(cfg)  # a merge/quantize/push the config asks for must be possible before an hour of training
     from tuneforge.train import launch
 
     launch.check_launchable(nproc)
@@ -76,6 +79,7 @@ def train(config: Path, overrides: Optional[List[str]] = SetOpt,
     summary = run(cfg, resume=resume, log=console.print if main_rank else (lambda *a, **k: None))
     if main_rank:
         _print_summary(cfg.run_dir, summary)
+        after_train(cfg, log=console.print)  # export: merge -> quantize -> push, on the finished run only
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:
@@ -141,8 +145,10 @@ def _print_report(data) -> None:
 
 @app.command()
 def merge(run_dir: Path, out: Optional[Path] = typer.Option(None, help="Output dir (default RUN_DIR/merged)."),
-          tolerance: float = typer.Option(1e-3, callback=_finite(0.0, 1e3, lo_open=True),
-                                          help="Max |logit difference| allowed between adapter and merged model."),
+          tolerance: Optional[float] = typer.Option(None, callback=_finite(0.0, 1e3, lo_open=True),
+                                                    help="Max logit difference allowed between adapter and merged model: absolute for "
+                                                    "float32 (default 1e-3), relative to the largest |logit| for bfloat16 (3e-2), "
+                                                    "float16 (5e-3) or a QLoRA base (1e-2)."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merge at --out (only a tuneforge merge)."),
           dtype: str = typer.Option("float32", help="Saved weights dtype: float32, bfloat16 or float16 (half types: relative parity)."),
           max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard, e.g. 2GB or 500MB.")):
@@ -151,8 +157,9 @@ def merge(run_dir: Path, out: Optional[Path] = typer.Option(None, help="Output d
 
     report = run_merge(str(run_dir), str(out) if out else None, tolerance, overwrite=overwrite, dtype=dtype,
                        max_shard_size=max_shard_size, log=console.print)
-    Console().print(f"merged -> {report['out']}  ({report['dtype']}, {report['shards']} shard(s))  max |logit diff| "
-                    f"{report['max_abs_logit_diff']:.2e} (relative {report['max_rel_logit_diff']:.2e}, tolerance {tolerance:g}) OK")
+    from tuneforge.export.merge import verdict
+
+    Console().print(f"merged -> {report['out']}  ({report['shards']} shard(s))  {verdict(report)}  OK")
 
 
 @app.command()
