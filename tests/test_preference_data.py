@@ -79,7 +79,7 @@ def test_bad_pairs_follow_on_bad_row_with_counts(tmp_path, tokenizer):
             {"prompt": "one", "chosen": "", "rejected": "two"},  # empty chosen
             {"prompt": "one two", "chosen": "same", "rejected": "same"},  # identical
             {"prompt": "the cat sat on the mat " * 20, "chosen": "blue", "rejected": "green"}]  # prompt > max_length
-    data = prep(tmp_path, tokenizer, rows, on_bad_row="skip", max_length=48)
+    data = prep(tmp_path, tokenizer, rows, on_bad_row="skip", max_length=48, pair_truncation="completion_first")
     assert len(data.pairs) == 1
     assert data.report["dropped"] == {"missing chosen": 2, "chosen and rejected are identical": 1, "prompt longer than max_length": 1}
     with pytest.raises(UserError, match="chosen and rejected are identical"):
@@ -89,7 +89,7 @@ def test_bad_pairs_follow_on_bad_row_with_counts(tmp_path, tokenizer):
 def test_truncation_rule_prompt_first_or_completion_first(tmp_path, tokenizer):
     rows = [{"prompt": "the cat sat on the mat " * 6, "chosen": "blue dog " * 10, "rejected": "red"}]
     long_prompt = prep(tmp_path / "a", tokenizer, rows + [{"prompt": "red", "chosen": "blue", "rejected": "green"}], max_length=40,
-                       on_bad_row="skip")
+                       on_bad_row="skip", pair_truncation="completion_first")
     assert long_prompt.report["dropped"] == {"prompt longer than max_length": 1}  # completion_first keeps the prompt whole
     cut = prep(tmp_path / "b", tokenizer, rows, max_length=40, pair_truncation="prompt_first")
     p = cut.pairs[0]
@@ -99,6 +99,19 @@ def test_truncation_rule_prompt_first_or_completion_first(tmp_path, tokenizer):
     fits = prep(tmp_path / "c", tokenizer, [{"prompt": "red", "chosen": "blue dog " * 20, "rejected": "red"}], max_length=40)
     assert fits.report["preference"]["truncated_completion"] == 1 and len(fits.pairs[0].chosen.input_ids) == 40
     assert fits.report["preference"]["truncated_prompt"] == 0
+
+
+def test_a_prompt_longer_than_max_length_keeps_its_end_by_default(tmp_path, tokenizer):
+    # Like SFT (cut and counted), not a stopped run: the default keeps the prompt's newest tokens, as TRL's keep_end.
+    rows = [{"prompt": "the cat sat on the mat " * 12, "chosen": "blue dog", "rejected": "red"},
+            {"prompt": "red", "chosen": "blue", "rejected": "green"}]
+    data = prep(tmp_path, tokenizer, rows, max_length=40)
+    long = next(p for p in data.pairs if "cat" in p.prompt[0]["content"])
+    assert len(long.prompt_ids) == 20 and tokenizer.decode(long.prompt_ids).endswith("mat <|im_end|>\n<|im_start|>assistant\n")
+    assert trained(tokenizer, long.chosen_completion) == "blue dog<|im_end|>" and len(long.chosen.input_ids) <= 40
+    assert data.report["preference"]["truncated_prompt"] == 1 and data.report["truncated"] == 1 and len(data.pairs) == 2
+    with pytest.raises(UserError, match="prompt longer than max_length"):  # the error stays an option
+        prep(tmp_path / "e", tokenizer, rows, max_length=40, pair_truncation="completion_first")
 
 
 def test_inspect_shows_prompt_chosen_and_rejected(tmp_path, llama_dir):

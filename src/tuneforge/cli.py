@@ -103,9 +103,12 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 
 
 @app.command()
-def prepare(config: Path, overrides: Optional[List[str]] = SetOpt):
+def prepare(config: Path, overrides: Optional[List[str]] = SetOpt,
+            push_to: Optional[str] = typer.Option(None, "--push-to", help="Also push cleaned.jsonl, train.jsonl and val.jsonl to this Hub dataset repo (written to data.export_dir, default RUN_DIR/data)."),
+            private: bool = typer.Option(False, "--private", help="With --push-to: create the dataset repo private.")):
     """Tokenize and cache the data (run once before distributed training)."""
     cfg = _load(config, overrides)
+    from tuneforge.data import export
     from tuneforge.data.prepare import prepare as run_prepare
     from tuneforge.model.load import load_tokenizer, resolve_model_dir
 
@@ -114,12 +117,19 @@ def prepare(config: Path, overrides: Optional[List[str]] = SetOpt):
     from tuneforge.outputs import check_prepare_dir, mark_output_dir
 
     check_prepare_dir(cfg.run_dir, cfg.config_path, cfg.output.overwrite)
+    if push_to:
+        export.check_push(push_to)  # no token / offline / a bad repo id: said before any work
+        cfg.data.export_dir = cfg.data.export_dir or str(cfg.run_dir / "data")
     tok = load_tokenizer(resolve_model_dir(cfg.model, console.print, need_weights=False), cfg.model)
-    data = run_prepare(cfg.data, tok)
+    data = run_prepare(cfg.data, tok, log=console.print)
     mark_output_dir(cfg.run_dir, "run")
     write_json(cfg.run_dir / "data_report.json", data.report)
     _print_report(data)
-    Console().print(f"report: {cfg.run_dir / 'data_report.json'}  cache: {cfg.data.cache_dir}/{data.fingerprint}")
+    Console().print(f"report: {cfg.run_dir / 'data_report.json'}  cache: {cfg.data.cache_dir}/{data.fingerprint}"
+                    + (f"  data: {data.export_dir}" if data.export_dir else ""))
+    if push_to:
+        pushed = export.push(data.export_dir, push_to, private, log=console.print)
+        Console().print(f"pushed {len(pushed['files'])} files -> {pushed['url']}")
 
 
 def _print_report(data) -> None:

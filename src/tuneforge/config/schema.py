@@ -187,10 +187,13 @@ class DataConfig(Section):
     num_proc: int = Field(1, ge=1, le=1024, description="Worker processes for rendering + tokenizing. 1 already keeps every core busy tokenizing (Rust threads); more helps on many-core machines with large data.")
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Dedup, filters, language and diversity selection.")
     on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the run (error) or is counted and skipped.")
-    pair_truncation: Literal["completion_first", "prompt_first"] = Field(
-        "completion_first", description="Preference pairs / KTO rows longer than max_length: completion_first keeps the prompt "
-        "and cuts the completions' ends; prompt_first first drops the prompt's oldest tokens (down to max_length/2).")
+    pair_truncation: Literal["keep_end", "completion_first", "prompt_first"] = Field(
+        "keep_end", description="Preference pairs / KTO rows longer than max_length (cuts counted in the data report): "
+        "keep_end keeps the prompt and cuts the completions' ends, and a prompt that alone fills max_length keeps its end "
+        "(newest max_length/2 tokens, as TRL's keep_end); completion_first is the same but such a prompt is a bad row "
+        "(data.on_bad_row: error stops the run); prompt_first first drops the prompt's oldest tokens (down to max_length/2).")
     cache_dir: Annotated[str, PathField("write")] = Field(".cache/tuneforge/data", description="Where tokenized data is cached, keyed by content hash.")
+    export_dir: Annotated[Optional[str], PathField("write")] = Field(None, description="Also write the prepared data here as JSONL: cleaned.jsonl (after cleaning), train.jsonl and val.jsonl (the split), export.json (counts).")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for the train/eval split.")
     allow_code: bool = Field(False, description="Let `custom: 'module:attr'` import and run Python code named by this config "
                              "(such a config is code: only enable for configs you trust; or set TUNEFORGE_ALLOW_CODE=1).")
@@ -200,7 +203,7 @@ class DataConfig(Section):
     def _packing_bool(cls, v):
         return {True: "padding_free", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
-    _cache_dir = field_validator("cache_dir", mode="before")(plain_path)
+    _cache_dir = field_validator("cache_dir", "export_dir", mode="before")(plain_path)
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> "DataConfig":

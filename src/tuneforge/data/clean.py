@@ -35,23 +35,34 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def clean(items: list, cfg: CleanConfig, seed: int, removed: Counter) -> list:
-    if cfg.dedup:
-        items = exact_dedup(items, removed)
-    if cfg.near_dedup:
-        items = near_dedup(items, cfg.near_dedup, removed)
-    if cfg.drop_refusals:
-        items = drop_refusals(items, cfg.refusal_phrases, removed)
-    if cfg.languages:
-        items = keep_languages(items, cfg.languages, removed)
-    if cfg.clusters and cfg.max_per_cluster:
-        items = cap_clusters(items, cfg.clusters, cfg.max_per_cluster, seed, removed)
+def clean(items: list, cfg: CleanConfig, seed: int, removed: Counter, progress=None) -> list:
+    """`progress(name, total)` -> a context giving a counter with .advance() (prepare.progress); none = silent."""
+    steps = [
+        ("dedup", cfg.dedup, lambda xs, tick: exact_dedup(xs, removed, tick)),
+        ("near-dedup", cfg.near_dedup, lambda xs, tick: near_dedup(xs, cfg.near_dedup, removed, tick=tick)),
+        ("refusals", cfg.drop_refusals, lambda xs, tick: drop_refusals(xs, cfg.refusal_phrases, removed, tick)),
+        ("languages", cfg.languages, lambda xs, tick: keep_languages(xs, cfg.languages, removed, tick)),
+        ("clusters", cfg.clusters and cfg.max_per_cluster, lambda xs, tick: cap_clusters(xs, cfg.clusters, cfg.max_per_cluster, seed, removed)),
+    ]
+    for name, enabled, step in steps:
+        if not enabled:
+            continue
+        if progress is None:
+            items = step(items, _no_tick)
+            continue
+        with progress(name, len(items)) as bar:
+            items = step(items, bar.advance)
     return items
 
 
-def exact_dedup(items: list, removed: Counter) -> list:
+def _no_tick(n: int = 1) -> None:
+    pass
+
+
+def exact_dedup(items: list, removed: Counter, tick=_no_tick) -> list:
     seen, out = set(), []
     for it in items:
+        tick()
         key = hashlib.sha1(normalise(item_text(it)).encode()).digest()
         if key in seen:
             removed["exact duplicate"] += 1
@@ -61,12 +72,13 @@ def exact_dedup(items: list, removed: Counter) -> list:
     return out
 
 
-def near_dedup(items: list, threshold: float, removed: Counter, num_perm: int = 64) -> list:
+def near_dedup(items: list, threshold: float, removed: Counter, num_perm: int = 64, tick=_no_tick) -> list:
     """MinHash LSH over word 3-gram shingles: keep the first of each group of near-duplicates."""
     from datasketch import MinHash, MinHashLSH
 
     lsh, out = MinHashLSH(threshold=threshold, num_perm=num_perm), []
     for i, it in enumerate(items):
+        tick()
         words = normalise(item_text(it)).split()
         shingles = {" ".join(words[k : k + 3]) for k in range(max(1, len(words) - 2))}
         mh = MinHash(num_perm=num_perm, seed=1)
@@ -79,10 +91,11 @@ def near_dedup(items: list, threshold: float, removed: Counter, num_perm: int = 
     return out
 
 
-def drop_refusals(items: list, phrases: list[str], removed: Counter) -> list:
+def drop_refusals(items: list, phrases: list[str], removed: Counter, tick=_no_tick) -> list:
     lowered = [p.lower() for p in phrases]
     out = []
     for it in items:
+        tick()
         answer = answer_text(it).lower()
         if any(p in answer for p in lowered):
             removed["refusal / boilerplate phrase"] += 1
@@ -91,11 +104,12 @@ def drop_refusals(items: list, phrases: list[str], removed: Counter) -> list:
     return out
 
 
-def keep_languages(items: list, languages: list[str], removed: Counter) -> list:
+def keep_languages(items: list, languages: list[str], removed: Counter, tick=_no_tick) -> list:
     import py3langid as langid
 
     out = []
     for it in items:
+        tick()
         lang, _ = langid.classify(item_text(it))
         if lang not in languages:
             removed[f"language {lang}"] += 1

@@ -6,10 +6,12 @@ the whole conversation), tokenized once, and cut where the completion's first re
 tokens (up to and including the assistant header) are stored once per pair; a completion's trained
 tokens are its replies' content + end-of-turn token, as in SFT (render.trained_spans).
 
-Too long: `data.pair_truncation` says what is cut first. completion_first (default) keeps the prompt
-whole and cuts the completions' ends (a prompt that alone fills max_length is a bad pair: on_bad_row);
+Too long: `data.pair_truncation` says what is cut first. keep_end (default) keeps the prompt whole and
+cuts the completions' ends; a prompt that alone fills max_length keeps its end (its newest turns and the
+reply header, as TRL's keep_end) in half of max_length: a cut and counted pair, as SFT cuts and counts a
+sample, not a stopped run. completion_first is the same except that such a prompt is a bad pair (on_bad_row: the error option).
 prompt_first drops the prompt's oldest tokens (down to half of max_length) before cutting completions.
-Counts land in the data report under `preference`.
+Counts land in the data report under `preference` (and in its top-level `truncated`).
 """
 
 from __future__ import annotations
@@ -195,6 +197,10 @@ def _truncate(prompt_ids: list[int], completions: list[Completion], max_length: 
     longest = max(len(c.ids) for c in completions)
     if len(prompt_ids) + longest <= max_length:
         return prompt_ids, completions
+    counts["truncated_pairs"] += 1  # pairs (or KTO rows) cut in any way: the data report's top-level `truncated`
+    if truncation == "keep_end" and len(prompt_ids) >= max_length:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_length // 2 :]  # the oldest turns go; the reply header stays
+        counts["truncated_prompt"] += 1
     if truncation == "prompt_first":
         keep = max(max_length - longest, min(len(prompt_ids), max_length // 2))
         if keep < len(prompt_ids):

@@ -2,7 +2,11 @@
 everything that affects them.
 
 Pipeline: read rows -> convert to conversations -> mix datasets -> clean -> split -> encode (one
-render per conversation) -> token-length filters -> corpus blocks (optional) -> cache + report.
+render per conversation) -> token-length filters -> corpus blocks (optional) -> cache + report
+(-> cleaned.jsonl, train.jsonl, val.jsonl in data.export_dir: data/export.py).
+
+Phases that can take more than a few seconds (clean, tokenize, pack) show progress: a bar on a terminal,
+a line about every 10 s when piped.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,21 @@ from tuneforge.data.sources import read_spec
 from tuneforge.errors import UserError
 
 CACHE_VERSION = "4"  # bump when the encoding logic changes, so old caches are never served
+PROGRESS_MIN_ITEMS = 10_000  # fewer items take under a few seconds a phase: no progress lines for them
+
+
+def _stderr(message: str) -> None:
+    # Progress and notes go to stderr: stdout stays the command's output (`data inspect --json`).
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress(name: str, total: int, log):
+    """tuneforge.progress.phase for work on `total` items; a silent counter for small work."""
+    from tuneforge.progress import Phase, phase
+
+    if total >= PROGRESS_MIN_ITEMS:
+        return phase(name, total, log=log)
+    return nullcontext(Phase(name, total, lambda *_: None, float("inf")))
 
 
 class Sample:
@@ -80,17 +101,29 @@ class Prepared:
     pairs: list = field(default_factory=list)  # preference pairs / KTO rows (data.preference.Pair / Unpaired)
     eval_pairs: list = field(default_factory=list)  # held out: reward accuracy is measured on them
     units: list[list[int]] = field(default_factory=list)  # what an epoch shuffles: samples or bins
+    export_dir: Path | None = None  # where cleaned.jsonl / train.jsonl / val.jsonl were written (data.export_dir)
 
 
-def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
+def prepare(data_cfg: DataConfig, tokenizer, log=_stderr) -> Prepared:
+    from tuneforge.data import export
+
     fingerprint = data_fingerprint(data_cfg, tokenizer)
     cache_dir = cache_path(data_cfg, fingerprint)
-    if (cache_dir / "report.json").is_file():
-        return _with_packing(_load_cache(cache_dir, fingerprint), data_cfg)
-    report: dict[str, Any] = {"rows_read": 0, "dropped": Counter(), "bad_row_examples": [], "truncated": 0, "datasets": []}
+    out = Path(data_cfg.export_dir).expanduser() if data_cfg.export_dir else None
+    if out is not None:
+        export.check_target(out, [s.path for s in data_cfg.train + data_cfg.eval if s.path])
+    if (cache_dir / "report.json").is_file() and (out is None or export.is_current(out, fingerprint)):
+        if out is not None:
+            log(f"data already written: {out} (train.jsonl, val.jsonl, cleaned.jsonl of this data)")
+        return _with_packing(_load_cache(cache_dir, fingerprint), data_cfg, log, out)
+    # A cache without the requested files is prepared again: the cleaned rows before the split are not cached.
+    report: dict[str, Any] = {"rows_read": 0, "dropped": Counter(), "skipped": Counter(), "bad_row_examples": [], "truncated": 0,
+                              "datasets": []}
     items = _read_all(data_cfg.train, data_cfg, report)
     eval_items = _read_all(data_cfg.eval, data_cfg, report) if data_cfg.eval else []
-    items = clean(items, data_cfg.clean, data_cfg.seed, report["dropped"])
+    items = clean(items, data_cfg.clean, data_cfg.seed, report["dropped"], lambda name, n: progress(f"clean: {name}", n, log))
+    report["rows_after_clean"] = len(items)
+    cleaned = items
     pref_items, items = _apart(items)
     eval_pref, eval_items = _apart(eval_items)
     if not data_cfg.eval:
@@ -98,9 +131,13 @@ def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
         pref_items, eval_pref = _split(pref_items, data_cfg, data_cfg.seed)
     if data_cfg.max_eval_samples:
         eval_items, eval_pref = eval_items[: data_cfg.max_eval_samples], eval_pref[: data_cfg.max_eval_samples]
-    train = _encode_all(items, tokenizer, data_cfg, report)
-    evals = _encode_all(eval_items, tokenizer, data_cfg, report)
-    pairs, eval_pairs, pref_counts = _encode_preference(pref_items, eval_pref, tokenizer, data_cfg, report)
+    with progress("tokenize", len(items) + len(eval_items) + len(pref_items) + len(eval_pref), log) as bar:
+        train = _encode_all(items, tokenizer, data_cfg, report, bar)
+        evals = _encode_all(eval_items, tokenizer, data_cfg, report, bar)
+        pairs, eval_pairs, pref_counts, kept = _encode_preference(pref_items, eval_pref, tokenizer, data_cfg, report, bar)
+    # The rows that train and the rows held out, as items (before corpus blocks cut across them).
+    split_items = {"train": [s.messages for s in train] + kept[0], "val": [s.messages for s in evals] + kept[1]}
+    report["truncated"] += pref_counts["truncated_pairs"]
     if data_cfg.group_texts:
         train, evals = _blocks(train, data_cfg.block_size, report), _blocks(evals, data_cfg.block_size, report)
     if not train and not pairs:
@@ -112,7 +149,9 @@ def prepare(data_cfg: DataConfig, tokenizer, log=print) -> Prepared:
 
         report["preference"] = preference.report(pairs, eval_pairs, pref_counts)
     _save_cache(cache_dir, train, evals, (pairs, eval_pairs), report)
-    return _with_packing(Prepared(train, evals, fingerprint, report, pairs=pairs, eval_pairs=eval_pairs), data_cfg)
+    if out is not None:
+        export.write(out, fingerprint, {"cleaned": cleaned, **split_items}, report, log)
+    return _with_packing(Prepared(train, evals, fingerprint, report, pairs=pairs, eval_pairs=eval_pairs), data_cfg, log, out)
 
 
 def _apart(items: list) -> tuple[list, list]:
@@ -122,12 +161,14 @@ def _apart(items: list) -> tuple[list, list]:
     return [it for it in items if is_preference_item(it)], [it for it in items if not is_preference_item(it)]
 
 
-def _with_packing(data: Prepared, data_cfg: DataConfig) -> Prepared:
+def _with_packing(data: Prepared, data_cfg: DataConfig, log=_stderr, export_dir: Path | None = None) -> Prepared:
     # Packing is not part of the cached data (it is not in the fingerprint): it is planned here, once.
     from tuneforge.data.packing import packing_stats, units
 
     lengths = [len(s) for s in data.train]
-    data.units = units(lengths, data_cfg.packing, data_cfg.bin_tokens)
+    with progress("pack", len(lengths) if data_cfg.packing == "bins" else 0, log):
+        data.units = units(lengths, data_cfg.packing, data_cfg.bin_tokens)
+    data.export_dir = export_dir
     stats = packing_stats(lengths, data_cfg.packing, data_cfg.bin_tokens, data.units if data_cfg.packing == "bins" else None)
     data.report = {**data.report, "packing": stats}
     return data
@@ -145,7 +186,7 @@ def data_fingerprint(data_cfg: DataConfig, tokenizer) -> str:
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update((tokenizer.chat_template or "").encode())
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
-    options = data_cfg.model_dump(exclude={"cache_dir", "packing", "num_proc"})
+    options = data_cfg.model_dump(exclude={"cache_dir", "packing", "num_proc", "export_dir"})
     h.update(json.dumps(options, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -198,7 +239,9 @@ def _mix(items: list, spec: DatasetSpec, seed: int) -> list:
 def _bad_row(where: str, reason: str, data_cfg: DataConfig, report: dict) -> None:
     if data_cfg.on_bad_row == "error":
         raise UserError(f"{where} (fix the row, or set data.on_bad_row: skip)")
-    report["dropped"][reason.split(" (")[0].split(":")[0][:48]] += 1
+    key = reason.split(" (")[0].split(":")[0][:48]
+    report["dropped"][key] += 1
+    report["skipped"][key] += 1  # the bad rows alone (`dropped` also counts cleaning and length filters)
     if len(report["bad_row_examples"]) < 5:
         report["bad_row_examples"].append(where)
 
@@ -219,10 +262,11 @@ def _split(items: list, data_cfg: DataConfig, seed: int) -> tuple[list, list]:
     return [c for i, c in enumerate(items) if i not in held], [items[i] for i in order[:n_eval]]
 
 
-def _encode_all(items: list, tokenizer, data_cfg: DataConfig, report: dict) -> list[Sample]:
+def _encode_all(items: list, tokenizer, data_cfg: DataConfig, report: dict, bar) -> list[Sample]:
     """Encode, drop bad/too-long rows (counted), and keep tokens in Arrow buffers, not Python ints."""
     ids, labels, messages, kept, n_targets = [], [], [], [], []
     for offset, ch in _encoded_chunks(items, tokenizer, data_cfg):
+        bar.advance(len(ch.bad) + sum(ch.dropped.values()) + len(ch.kept))
         for k, msg in ch.bad:
             _bad_row(f"{report.get('_where', {}).get(id(items[offset + k]), 'conversation')}: {msg}", msg, data_cfg, report)
         report["dropped"].update(ch.dropped)
@@ -337,21 +381,25 @@ def _length_problem(enc: Encoded, n_targets: int, data_cfg: DataConfig) -> str |
     return None
 
 
-def _encode_preference(items: list, eval_items: list, tokenizer, data_cfg: DataConfig, report: dict):
-    """Pairs / KTO rows of both splits -> (train, eval, truncation counts); bad ones follow on_bad_row."""
+def _encode_preference(items: list, eval_items: list, tokenizer, data_cfg: DataConfig, report: dict, bar):
+    """Pairs / KTO rows of both splits -> (train, eval, truncation counts, (kept train items, kept eval items));
+    bad ones follow on_bad_row."""
     from tuneforge.data.preference import encode_items
 
     counts: Counter = Counter()
-    out = []
+    out, kept_items = [], []
     for part in (items, eval_items):
-        kept = []
+        kept, kept_part = [], []
         for it, enc in zip(part, encode_items(part, tokenizer, data_cfg.max_length, data_cfg.pair_truncation, counts)):
+            bar.advance()
             if isinstance(enc, BadRow):
                 _bad_row(f"{report.get('_where', {}).get(id(it), 'preference pair')}: {enc}", str(enc), data_cfg, report)
             else:
                 kept.append(enc)
+                kept_part.append(it)
         out.append(kept)
-    return out[0], out[1], counts
+        kept_items.append(kept_part)
+    return out[0], out[1], counts, kept_items
 
 
 def _blocks(samples: list[Sample], block: int, report: dict) -> list[Sample]:
@@ -370,9 +418,11 @@ def _finish_report(report: dict, train: list[Sample], evals: list[Sample], pairs
         "fingerprint": fingerprint,
         "rows_read": report["rows_read"],
         "datasets": report["datasets"],
+        "rows_after_clean": report["rows_after_clean"],
         "dropped": dict(report["dropped"]),
+        "skipped": dict(report["skipped"]),  # rows skipped under on_bad_row: skip, by reason (also in dropped)
         "bad_row_examples": report["bad_row_examples"],
-        "truncated": report["truncated"],
+        "truncated": report["truncated"],  # samples and preference pairs cut to fit max_length
         **({"changed_by_template": dict(report["changed_by_template"])} if report.get("changed_by_template") else {}),
         "train_samples": len(train),
         "eval_samples": len(evals),

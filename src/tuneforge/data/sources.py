@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -131,27 +132,48 @@ def _read_txt(p: Path, unit: str) -> Iterator[Row]:
 
 
 def _read_jsonl(p: Path) -> Iterator[Row]:
-    for n, line in enumerate(_read_text(p).splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085 and other characters that
+    # json.dumps(ensure_ascii=False) writes raw inside strings, which would cut valid rows in two.
+    for n, line in enumerate(_read_text(p).split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{p} row {n}: invalid JSON ({exc.msg}): fix or remove the line") from None
-        except RecursionError:
-            raise UserError(f"{p} row {n}: JSON nested too deeply to be a training row (flatten it)") from None
+        obj = _json_value(line, f"{p} row {n}")
         if not isinstance(obj, dict):
             raise UserError(f"{p} row {n}: expected a JSON object per line, got {type(obj).__name__}")
-        yield Row(obj, str(p), n)
+        yield Row(obj, str(p), n, _surrogate_problem(obj) if SURROGATE_ESCAPE.search(line) else None)
+
+
+def _json_value(text: str, where: str, whole_file: bool = False) -> Any:
+    """json.loads, with every way it fails on a user's file turned into one line naming the place."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if whole_file:
+            raise UserError(f"{where}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+        raise UserError(f"{where}: invalid JSON ({exc.msg}): fix or remove the line") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to be training data (flatten it)") from None
+    except ValueError as exc:  # an integer longer than sys.get_int_max_str_digits() (4300 digits)
+        raise UserError(f"{where}: a JSON number too long to read ({str(exc).split(';')[0]}) (quote it as a string, or remove it)") from None
+
+
+# A \uD800-\uDFFF escape: json.loads turns an unpaired one into a lone surrogate, a str that no encoder
+# (the tokenizer, hashing, the cache) can write. Only escapes can produce one: the file itself is valid UTF-8.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _surrogate_problem(obj: Any) -> str | None:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"a lone UTF-16 surrogate ({exc.object[exc.start:exc.end].encode('utf-8', 'backslashreplace').decode()}) "
+                "in a string: not text (fix the escape)")
+    return None
 
 
 def _read_json(p: Path) -> Iterator[Row]:
-    try:
-        obj = json.loads(_read_text(p))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{p}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
-    except RecursionError:
-        raise UserError(f"{p}: JSON nested too deeply to be training data (flatten it)") from None
+    text = _read_text(p)
+    obj = _json_value(text, str(p), whole_file=True)
     if isinstance(obj, dict):  # dict of columns -> rows
         keys = list(obj)
         lengths = {len(v) for v in obj.values() if isinstance(v, list)}
@@ -160,10 +182,11 @@ def _read_json(p: Path) -> Iterator[Row]:
         obj = [dict(zip(keys, vals)) for vals in zip(*obj.values())]
     if not isinstance(obj, list):
         raise UserError(f"{p}: expected a JSON array of rows")
+    escapes = bool(SURROGATE_ESCAPE.search(text))
     for n, item in enumerate(obj, start=1):
         if not isinstance(item, dict):
             raise UserError(f"{p} row {n}: expected a JSON object, got {type(item).__name__}")
-        yield Row(item, str(p), n)
+        yield Row(item, str(p), n, _surrogate_problem(item) if escapes else None)
 
 
 def _read_html(p: Path) -> Iterator[Row]:
@@ -176,27 +199,60 @@ def _read_html(p: Path) -> Iterator[Row]:
 
 
 def _read_sql(p: Path, query: str | None) -> Iterator[Row]:
-    """SQLite database file, or a .sql dump loaded into an in-memory SQLite; rows of `query`."""
+    """SQLite database file (opened read-only), or a .sql dump loaded into an in-memory SQLite; rows of `query`.
+    Neither the dump nor the query may reach another file: ATTACH (and VACUUM INTO, which attaches), DETACH
+    and extension loading are refused by an authorizer."""
     import sqlite3
 
     if not query:
         raise UserError(f"{p}: SQL sources need a query, e.g. query: \"SELECT question AS prompt, answer AS completion FROM faq\"")
     if p.suffix == ".sql":
-        con = sqlite3.connect(":memory:")
+        con = _sqlite(":memory:", p)
         try:
             con.executescript(_read_text(p))
         except (sqlite3.Error, ValueError) as exc:  # ValueError: a NUL byte in the script
-            raise UserError(f"{p}: the SQL dump does not load into SQLite ({exc})") from None
+            raise UserError(f"{p}: the SQL dump does not load into SQLite ({_sql_reason(exc)})") from None
     else:
-        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)  # read-only: never touch the user's database
+        con = _sqlite(p.resolve().as_uri() + "?mode=ro", p)  # read-only: never touch the user's database
     con.row_factory = sqlite3.Row
     try:
         cursor = con.execute(query)
+        for n, rec in enumerate(cursor, start=1):
+            yield Row(dict(rec), str(p), n)
     except (sqlite3.Error, ValueError) as exc:
-        raise UserError(f"{p}: query failed ({exc}): check table and column names") from None
-    for n, rec in enumerate(cursor, start=1):
-        yield Row(dict(rec), str(p), n)
-    con.close()
+        raise UserError(f"{p}: query failed ({_sql_reason(exc)}): check the query {_short(query)}") from None
+    finally:
+        con.close()
+
+
+_SQL_REFUSED = "ATTACH, DETACH and load_extension are refused: a data source reads its own file only"
+
+
+def _sqlite(target: str, p: Path):
+    import sqlite3
+
+    def authorize(action: int, arg1, arg2, _db, _trigger) -> int:
+        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_FUNCTION and str(arg2).lower() == "load_extension":
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    try:
+        con = sqlite3.connect(target, uri=target.startswith("file:"))
+    except sqlite3.Error as exc:
+        raise UserError(f"{p}: cannot open the SQLite database ({exc})") from None
+    con.set_authorizer(authorize)
+    return con
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _sql_reason(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{text}: {_SQL_REFUSED}" if ("not authorized" in text or "authorization denied" in text) else text
 
 
 def _is_hf_disk_dataset(p: Path) -> bool:
