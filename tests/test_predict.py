@@ -15,7 +15,9 @@ def test_predict_files_and_metrics(tmp_path, llama_dir):
 
     rows = tiny.reverse_rows(5, seed=4) + [{"messages": [{"role": "user", "content": "hello"}]}]  # last: prompt only
     data = tiny.write_jsonl(tmp_path / "data.jsonl", rows)
-    r = predict(str(llama_dir), data, max_new_tokens=5, batch_size=4, log=lambda *_: None)
+    logs = []
+    r = predict(str(llama_dir), data, max_new_tokens=5, batch_size=4, log=logs.append)
+    assert "predict: started (6 to do)" in logs and any(line.startswith("predict: done, 6/6 in ") for line in logs)  # piped progress
     out = [json.loads(x) for x in (tmp_path / "data.predictions.jsonl").read_text().splitlines()]
     assert len(out) == 6 and out[-1]["reference"] is None and all(o["prediction"] for o in out)  # random weights still answer
     assert [o["reference"] for o in out[:5]] == [row["messages"][1]["content"] for row in rows[:5]]
@@ -56,6 +58,8 @@ def test_eval_base_vs_tuned_matches_the_runs_eval_loss(tmp_path, llama_dir):
     assert report["tuned"]["perplexity"] == pytest.approx(math.exp(report["tuned"]["eval_loss"]))
     assert set(report["tuned"]) == set(report["base"]) >= {"eval_loss", "perplexity", "gen_exact"}
     assert "fine-tuned" in proc.stdout and info["eval"]["samples"] == report["samples"]
+    n = 2 * 2 * report["samples"]  # loss + an answer per sample, both models: progress while piped
+    assert f"eval: started ({n} to do)" in proc.stderr and f"eval: done, {n}/{n} in " in proc.stderr
 
 
 REVERSE_TASK = """task: tf_reverse

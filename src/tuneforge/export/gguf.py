@@ -53,12 +53,20 @@ def export_gguf(path: str, out: str | None = None, ftype: str = "f16", overwrite
 
 def export_loaded(model, tokenizer, desc: dict, run_dir: Path, out_dir: Path, ftype: str, log=print) -> dict:
     """Export an already loaded trained model (adapter model or full) after `check_output_dir` passed."""
+    from tuneforge.progress import phase
+
+    with phase(f"export gguf {ftype}", total=4, log=log) as progress:  # reference, write, two readers
+        return _export(model, tokenizer, desc, run_dir, out_dir, ftype, log, progress)
+
+
+def _export(model, tokenizer, desc: dict, run_dir: Path, out_dir: Path, ftype: str, log, progress) -> dict:
     from tuneforge.export import parity
 
     samples = parity.sample_ids(run_dir, tokenizer)
     prompts = parity.held_out_prompts(run_dir)
     ref_logits = parity.logits(model, samples)
     ref_answers = parity.greedy(model, tokenizer, prompts)
+    progress.advance(note="reference answers")
     if desc["kind"] == "lora":
         model = model.merge_and_unload()  # GGUF holds full weights: the adapter is fused in memory first
 
@@ -74,11 +82,14 @@ def export_loaded(model, tokenizer, desc: dict, run_dir: Path, out_dir: Path, ft
         gguf_file = llama_quantize(gguf_file, ftype)
     log(f"wrote {gguf_file.name} ({gguf_file.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s; reading it back")
     del model
+    progress.advance(note="written")
 
     report = {"type": ftype, "file": gguf_file.name, "reader": "transformers GGUF loader",
               **readback(gguf_file, tokenizer, samples, ref_logits, prompts, ref_answers)}
     report["tolerance_rel"] = TOLERANCE[ftype]
+    progress.advance(note="read back by transformers")
     report["llama_cpp"] = llama_cpp_readback(gguf_file, tokenizer, samples, ref_logits, prompts, ref_answers)
+    progress.advance(note="read back by llama.cpp")
     report["passed"] = passed(report, ftype)
     report["modelfile_template_matches"] = write_modelfile(tmp, gguf_file.name, tokenizer)
     write_json(tmp / "export_report.json", report)

@@ -41,6 +41,14 @@ def quantize(path: str, out: str | None = None, method: str = "gptq", bits: int 
     check_output_dir(out_dir, "gptq", overwrite or out is None, "--overwrite")
     gptqmodel_version()  # fail before loading anything when the library is missing
 
+    from tuneforge.progress import phase
+
+    with phase(f"quantize gptq {bits}-bit", total=3, log=log) as progress:  # reference, quantize, read back
+        return _quantize(path, run_dir, out_dir, method, bits, group_size, calibration, samples, max_ppl_increase, seed, log, progress)
+
+
+def _quantize(path, run_dir: Path, out_dir: Path, method, bits, group_size, calibration, samples, max_ppl_increase, seed, log,
+              progress) -> dict:
     from tuneforge.export import parity
 
     model, tokenizer, desc = load_source(path, log)
@@ -50,6 +58,7 @@ def quantize(path: str, out: str | None = None, method: str = "gptq", bits: int 
     prompts = parity.held_out_prompts(run_dir)
     before = {"logits": parity.logits(model, ids), "answers": parity.greedy(model, tokenizer, prompts),
               "perplexity": parity.target_perplexity(model, evals)}
+    progress.advance(note="reference numbers")
     if desc["kind"] == "lora":
         model = model.merge_and_unload()  # GPTQ quantizes full weights: the adapter is fused first
 
@@ -65,6 +74,7 @@ def quantize(path: str, out: str | None = None, method: str = "gptq", bits: int 
         run_gptq(source, tmp, bits, group_size, calib)
     finally:
         shutil.rmtree(source, ignore_errors=True)
+    progress.advance(note="quantized")
     mark_output_dir(tmp, "gptq", source=str(run_dir), bits=bits)
     tokenizer.save_pretrained(tmp)  # the training tokenizer and chat template, not the library's copy
     from tuneforge.export.merge import write_generation_config
@@ -75,6 +85,7 @@ def quantize(path: str, out: str | None = None, method: str = "gptq", bits: int 
               "calibration": {"source": calib_source, "samples": len(calib), "tokens": sum(len(c["input_ids"]) for c in calib)},
               **readback(tmp, tokenizer, ids, prompts, evals, before)}
     report["max_ppl_increase"] = max_ppl_increase
+    progress.advance(note="read back")
     report["passed"] = failure(report) is None
     write_json(tmp / "quantize_report.json", report)
     from tuneforge.export.card import write_card
