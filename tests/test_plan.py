@@ -62,7 +62,9 @@ def test_qlora_4bit_qwen_by_hand():
     linear = 3 * (128 * 128 * 2 + 2 * 128 * 32 + 3 * 128 * 256)
     lora = 3 * 8 * ((128 + 128) * 2 + (128 + 32) * 2 + (128 + 256) * 3)  # r*(in+out) per adapted Linear
     assert p.trainable == lora == 47616
-    assert p.parts["weights"] == pytest.approx(linear * 4.127 / 8 + (547264 - linear) * 2 + lora * 4)
+    # embeddings, norms and biases in fp32: peft's k-bit preparation upcasts what bitsandbytes does not quantize
+    assert p.parts["weights"] == pytest.approx(linear * 4.127 / 8 + (547264 - linear) * 4 + lora * 4)
+    assert p.parts["dequantized"] == 2 * (256 * 128) * 2  # the largest matrix (MLP 128x256) de-quantized, + its cast
     assert p.parts["gradients"] == lora * 4 and p.parts["optimizer"] == 2 * lora * 4
     # checkpointing: each layer's input (H bf16 per token) + one layer's full set
     assert p.parts["activations"] == 128 * (3 * 128 * 2 + 2 * (12 * 128 + 2 * 32 + 4 * 256))
@@ -109,7 +111,7 @@ def test_train_refuses_a_run_the_plan_says_cannot_fit_on_the_gpu(tmp_path, llama
 
     from tuneforge.config.load import load_config
     from tuneforge.errors import UserError
-    from tuneforge.train.preflight import check_plan_on_gpu
+    from tuneforge.train.safety.preflight import check_plan_on_gpu
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")

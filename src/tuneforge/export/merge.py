@@ -62,7 +62,10 @@ def _merge(path: str, facts: Path, out_dir: Path, tolerance: float | None, dtype
         samples = sample_ids(facts, tokenizer)
         # De-quantize before any forward: on CPU, bitsandbytes repacks 4-bit weights at the first eval forward.
         weights = dequantized_weights(model) if quantized else None
-        adapter_logits = parity.logits(model, samples)
+        from tuneforge.train.core.step import eval_mode
+
+        with eval_mode(model):  # CPU 4-bit layers stay unrepacked: the reference computes on the de-quantized weights
+            adapter_logits = parity.logits(model, samples)
         progress.advance(note="adapter model loaded")
         if quantized:
             model = with_weights(weights, desc, tokenizer)
@@ -232,18 +235,22 @@ def _adapter_on(base, desc: dict):
 
 
 def dequantized_weights(model) -> dict:
-    """{module name in the base: fp32 (out, in) weight} for every bitsandbytes layer of the adapter model."""
+    """{parameter name in the base: fp32 weight} for every bitsandbytes layer ((out, in)) and 4-bit MoE experts
+    ([E, out, in], model/moe.py) of the adapter model."""
     from peft.utils.integrations import dequantize_module_weight
 
-    return {name.removeprefix("base_model.model.").removesuffix(".base_layer"): dequantize_module_weight(module).float()
-            for name, module in model.named_modules() if type(module).__module__.startswith("bitsandbytes")}
+    from tuneforge.model.moe import dequantized_experts
+
+    linear = {name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".weight": dequantize_module_weight(module).float()
+              for name, module in model.named_modules() if type(module).__module__.startswith("bitsandbytes")}
+    return {**linear, **dequantized_experts(model, "base_model.model.")}
 
 
 def with_weights(weights: dict, desc: dict, tokenizer):
-    """The same adapter on a fresh fp32 base whose quantized linears hold their de-quantized weights."""
+    """The same adapter on a fresh fp32 base whose quantized weights hold their de-quantized values."""
     base = _base(desc, tokenizer)
     for name, w in weights.items():
-        base.get_submodule(name).weight.data = w
+        base.get_parameter(name).data = w
     return _adapter_on(base, desc)
 
 

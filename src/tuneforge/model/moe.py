@@ -104,3 +104,10 @@ def quantize_fused_experts(model, quant_type: str, double_quant: bool, compute_d
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Experts4bit(experts, quant_type, double_quant, compute_dtype, device))
     return count
+
+
+def dequantized_experts(model, prefix: str = "") -> dict[str, torch.Tensor]:
+    """{parameter name without `prefix`: fp32 [E, out, in] weights} of every Experts4bit, as training saw them
+    (merging an adapter into a full-precision base gives that base these weights)."""
+    return {f"{name.removeprefix(prefix)}.{p}": m.dequantized(p).float()
+            for name, m in model.named_modules() if isinstance(m, Experts4bit) for p in FUSED}
