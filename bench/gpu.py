@@ -73,8 +73,8 @@ def run_tuneforge(work: Path, shape: str, args, finetune: str, **train) -> dict:
     import torch
 
     from tuneforge.config.schema import Config
-    from tuneforge.train.sft import SFTRecipe
-    from tuneforge.train.step import update
+    from tuneforge.train.run import trainer
+    from tuneforge.train.core.step import update
 
     packing = train.pop("packing", "padding_free")
     quantize = train.pop("quantize", None)
@@ -85,7 +85,7 @@ def run_tuneforge(work: Path, shape: str, args, finetune: str, **train) -> dict:
         "train": {"finetune": finetune, "max_steps": args.warmup + args.steps, "lr": 1e-5, **train},
         "output": {"dir": str(work / f"run-{time.time_ns()}")}, "tracking": {"tensorboard": False, "plot": False},
     })
-    r = SFTRecipe(cfg, log=lambda *a: None)
+    r = trainer(cfg, log=lambda *a: None)
     r.setup()
     r.model.train()
     tokens, began = 0, None
@@ -172,7 +172,7 @@ def setups(big: str, small: str, args) -> dict:
 def mfu_of(result: dict, shape: str) -> float | None:
     import torch
 
-    from tuneforge.train.flops import device_peak_flops, flops_per_token, mfu
+    from tuneforge.train.core.flops import device_peak_flops, flops_per_token, mfu
 
     arch, hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
     cfg = tiny.model_config(arch, vocab, hidden, layers)

@@ -31,8 +31,8 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
 
 def run_tuneforge(model_dir, data, out, steps, batch, packing) -> dict:
     from tuneforge.config.schema import Config
-    from tuneforge.train.sft import SFTRecipe
-    from tuneforge.train.step import update
+    from tuneforge.train.run import trainer
+    from tuneforge.train.core.step import update
 
     cfg = Config.model_validate({
         "model": {"path": str(model_dir)},
@@ -40,7 +40,7 @@ def run_tuneforge(model_dir, data, out, steps, batch, packing) -> dict:
         "train": {"finetune": "full", "max_steps": steps, "micro_batch_size": batch, "lr": 1e-3},
         "output": {"dir": str(out / f"tf_{packing}")}, "tracking": {"tensorboard": False, "plot": False},
     })
-    r = SFTRecipe(cfg, log=lambda *a: None)
+    r = trainer(cfg, log=lambda *a: None)
     r.setup()
     r.tracker = None
     r.model.train()

@@ -103,7 +103,7 @@ def test_compiled_model_saves_a_loadable_adapter(llama_dir, tokenizer, tmp_path)
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
 
-    from tuneforge.train.engine import save_final
+    from tuneforge.train.core.engine import save_final
 
     accel = Accelerator(cpu=True, dynamo_backend="inductor")
     model = accel.prepare(get_peft_model(load(llama_dir), LoraConfig(r=4, target_modules=["q_proj"])))

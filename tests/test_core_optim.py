@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tuneforge.config.schema import TrainConfig
-from tuneforge.train.optim import OPTIMIZERS, build_optimizer, build_scheduler, param_groups
-from tuneforge.train.schedule import lr_lambda
+from tuneforge.train.core.optim import OPTIMIZERS, build_optimizer, build_scheduler, param_groups
+from tuneforge.train.core.schedule import lr_lambda
 
 
 class Tiny(torch.nn.Module):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import tiny
 from tuneforge.config.schema import Config
-from tuneforge.train.sft import run
+from tuneforge.train.run import run
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_qlora_4bit_trains_and_evals_do_not_disturb_training(tmp_path, llama_dir
 def test_eval_mode_keeps_cpu_4bit_layers_in_train_mode(tmp_path, llama_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tuneforge.train.step import eval_mode, is_cpu_4bit
+    from tuneforge.train.core.step import eval_mode, is_cpu_4bit
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
     model.train()

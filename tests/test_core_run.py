@@ -9,7 +9,8 @@ import tiny
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 from tuneforge.rundir import RunDir
-from tuneforge.train.sft import SFTRecipe, run
+from tuneforge.train.recipes.sft import SFTRecipe
+from tuneforge.train.run import run
 
 QUIET = {"log": lambda *a: None}
 
@@ -44,14 +45,14 @@ def test_lora_checkpoint_holds_only_adapter_weights_and_state(tmp_path, llama_di
 
 class Boom(SFTRecipe):
     def loss(self, model, batch):
-        if self.optimizer.state and len(self.tracker.path.read_text().splitlines()) >= 1:
+        if self.ctx.optimizer.state and len(self.ctx.tracker.path.read_text().splitlines()) >= 1:
             raise RuntimeError("boom at step 2\nsecond line")
         return super().loss(model, batch)
 
 
 def test_a_run_that_dies_ends_failed_with_one_line_reason(tmp_path, llama_dir):
     with pytest.raises(RuntimeError, match="boom"):
-        run(config(tmp_path, llama_dir, max_steps=4), recipe_cls=Boom, **QUIET)
+        run(config(tmp_path, llama_dir, max_steps=4), recipe=Boom(), **QUIET)
     info = RunDir(tmp_path / "run").info()
     assert info["status"] == "failed" and info["error"] == "RuntimeError: boom at step 2"
 

@@ -221,7 +221,7 @@ def train_steps(model, steps, world):
 # ---- cheap checks (no extra processes) -------------------------------------------------------------
 def test_presets_fill_the_keys_tuneforge_owns():
     from tuneforge.config.schema import DEEPSPEED_PRESETS, TrainConfig
-    from tuneforge.train.engines import deepspeed_config
+    from tuneforge.train.core.engines import deepspeed_config
 
     for name in DEEPSPEED_PRESETS:
         t = TrainConfig(deepspeed=name, micro_batch_size=3, grad_accum=5, max_grad_norm=0.5)
@@ -241,7 +241,7 @@ def test_presets_fill_the_keys_tuneforge_owns():
 def test_user_deepspeed_json(tmp_path):
     from tuneforge.config.schema import TrainConfig
     from tuneforge.errors import UserError
-    from tuneforge.train.engines import deepspeed_config
+    from tuneforge.train.core.engines import deepspeed_config
 
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}}))
@@ -285,7 +285,7 @@ def _gpus() -> int:
 
 
 def test_launcher_sets_the_rank_variables(monkeypatch):
-    from tuneforge.train import launch
+    from tuneforge.train.core import launch
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     envs = [launch.rank_env(r, 2, 12345) for r in range(2)]
@@ -302,7 +302,7 @@ def test_launcher_sets_the_rank_variables(monkeypatch):
 
 
 def test_launcher_returns_the_ranks_exit_code(tmp_path):
-    from tuneforge.train import launch
+    from tuneforge.train.core import launch
 
     code = launch.launch(2, ["train", str(tmp_path / "missing.yaml")], log=lambda *a: None)
     assert code == 2  # a user error in the ranks stays exit 2
@@ -312,7 +312,7 @@ def test_other_ranks_wait_for_the_cache_file_not_a_collective(tmp_path, tokenize
     """Rank 1 polls for the main process's cache (no barrier, so no collective timeout however long it takes)."""
     from tuneforge.config.schema import DataConfig
     from tuneforge.data.prepare import cache_path, data_fingerprint, prepare
-    from tuneforge.train.launch import prepare_once
+    from tuneforge.train.core.launch import prepare_once
 
     data = tiny.write_jsonl(tmp_path / "d.jsonl", tiny.reverse_rows(16))
     dcfg = DataConfig(train=[{"path": str(data)}], eval_split=0.0, cache_dir=str(tmp_path / "cache"))

@@ -2,7 +2,7 @@
 
 from transformers import LlamaConfig, Qwen2Config
 
-from tuneforge.train.flops import device_peak_flops, flops_per_token, matmul_params, mfu
+from tuneforge.train.core.flops import device_peak_flops, flops_per_token, matmul_params, mfu
 
 LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=32, vocab_size=32000)

@@ -13,8 +13,8 @@ from tuneforge.config.schema import Config
 from tuneforge.data.collate import collate
 from tuneforge.data.prepare import Sample
 from tuneforge.data.render import IGNORE, encode
-from tuneforge.train.loss import count_targets, forward_logits, summed_ce
-from tuneforge.train.sft import SFTRecipe
+from tuneforge.train.core.loss import count_targets, forward_logits, summed_ce
+from tuneforge.train.run import trainer
 
 
 def samples(tokenizer, n=8, seed=0):
@@ -79,7 +79,7 @@ def recipe(tmp_path, llama_dir, train_file, name, data=None, **train):
         "output": {"dir": str(tmp_path / name)},
         "tracking": {"tensorboard": False, "plot": False},
     })
-    r = SFTRecipe(cfg, log=lambda *a: None)
+    r = trainer(cfg, log=lambda *a: None)
     r.setup()
     return r
 
@@ -100,7 +100,7 @@ def test_batch8_accum1_equals_batch2_accum4(tmp_path, llama_dir, packing):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, llama_dir):
-    from tuneforge.train.sft import run
+    from tuneforge.train.run import run
 
     train_file = tiny.write_jsonl(tmp_path / "t.jsonl", tiny.reverse_rows(24, seed=4))
     base = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tuneforge.data.render import IGNORE
-from tuneforge.train.loss import reference_ce, summed_ce
+from tuneforge.train.core.loss import reference_ce, summed_ce
 
 
 def _case(n=37, v=101, seed=0, dtype=torch.float32):
@@ -57,7 +57,7 @@ def test_all_ignored_is_zero_with_zero_grad():
 PEAK_SCRIPT = textwrap.dedent("""
     import json, re, sys, torch
     from transformers import LlamaConfig, AutoModelForCausalLM
-    from tuneforge.train.loss import reference_ce, summed_ce
+    from tuneforge.train.core.loss import reference_ce, summed_ce
 
     def status(key):  # KiB, from the kernel's accounting of this process
         return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
@@ -93,7 +93,7 @@ def test_chunked_loss_peak_memory_drops_by_at_least_the_fp32_logits():
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_fused_linear_equals_reference_value_and_gradients(smoothing):
-    from tuneforge.train.loss import fused_linear_ce
+    from tuneforge.train.core.loss import fused_linear_ce
 
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 23, 16, generator=g)
@@ -125,7 +125,7 @@ def test_fused_linear_training_step_matches_logits_path(tmp_path, llama_dir, fin
         r = recipe(tmp_path, llama_dir, train_file, kernel, micro_batch_size=4, grad_accum=2, loss_kernel=kernel,
                    finetune=finetune, label_smoothing=0.1)
         if kernel == "fused_linear":
-            from tuneforge.train.loss import output_head
+            from tuneforge.train.core.loss import output_head
 
             assert output_head(r.model) is not None  # the hidden-state path really ran
         m = r.backward_step(0)

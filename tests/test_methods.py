@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import tiny
 from tuneforge.config.schema import Config
-from tuneforge.train.sft import run
+from tuneforge.train.run import run
 
 pytestmark = pytest.mark.slow
 

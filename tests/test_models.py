@@ -6,8 +6,8 @@ import torch
 import tiny
 from tuneforge.config.schema import Config
 from tuneforge.model.load import load_tokenizer
-from tuneforge.train.sft import SFTRecipe
-from tuneforge.train.step import update
+from tuneforge.train.run import trainer
+from tuneforge.train.core.step import update
 
 
 def optimizer_step(r, step: int) -> dict:
@@ -27,7 +27,7 @@ def test_lora_step_on_each_architecture(arch, tmp_path):
         "output": {"dir": str(tmp_path / "run")},
         "tracking": {"tensorboard": False, "plot": False},
     })
-    r = SFTRecipe(cfg, log=lambda *a: None)
+    r = trainer(cfg, log=lambda *a: None)
     r.setup()
     before = {n: p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad}
     assert before and all("lora_" in n for n in before)

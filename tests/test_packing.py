@@ -12,7 +12,7 @@ from tuneforge.config.schema import DataConfig
 from tuneforge.data.collate import collate
 from tuneforge.data.packing import packing_stats, plan_bins
 from tuneforge.errors import UserError
-from tuneforge.train.loss import count_targets, forward_logits, summed_ce
+from tuneforge.train.core.loss import count_targets, forward_logits, summed_ce
 
 
 def test_bins_hold_every_sample_once_within_capacity():
@@ -68,7 +68,7 @@ def test_training_on_bins_takes_the_loss_of_the_same_samples_unpacked(tmp_path, 
 
 def test_resume_refuses_different_batching(tmp_path, llama_dir):
     from tuneforge.config.schema import Config
-    from tuneforge.train.sft import SFTRecipe, run
+    from tuneforge.train.run import run, trainer
 
     train_file = tiny.write_jsonl(tmp_path / "t.jsonl", tiny.reverse_rows(24, seed=4))
     base = {"model": {"path": str(llama_dir)},
@@ -81,5 +81,5 @@ def test_resume_refuses_different_batching(tmp_path, llama_dir):
     RunDir(tmp_path / "run").interrupt("SIGTERM")  # a finished run is not resumable at all: make it a stopped one
     base["data"]["packing"] = "padding_free"
     with pytest.raises(UserError, match="resume needs the same batching|data.packing"):
-        r = SFTRecipe(Config.model_validate(base), resume=True, log=lambda *a: None)
+        r = trainer(Config.model_validate(base), resume=True, log=lambda *a: None)
         r.setup()

@@ -12,8 +12,8 @@ from tuneforge.config.schema import DataConfig
 from tuneforge.data.preference import pairs_to_unpaired
 from tuneforge.data.prepare import prepare
 from tuneforge.data.render import IGNORE
-from tuneforge.train import preference as pl
-from tuneforge.train.dpo import collate_pairs, collate_unpaired, forward, sequence_logps
+from tuneforge.train.recipes import preference as pl
+from tuneforge.train.recipes.pairs import collate_pairs, collate_unpaired, forward, sequence_logps
 
 pytestmark = pytest.mark.slow  # builds four TRL trainers
 

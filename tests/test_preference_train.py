@@ -13,7 +13,7 @@ import tiny
 from conftest import FIXTURES
 from helpers import run_cli
 from tuneforge.config.schema import Config
-from tuneforge.train.sft import recipe_for, run
+from tuneforge.train.run import run, trainer
 
 QUIET = {"log": lambda *a, **k: None}
 
@@ -46,9 +46,9 @@ def config_dict(tmp_path, model, train_file, name, method="dpo", data=None, pref
 
 def first_step(cfg: Config, steps: int = 1) -> tuple[dict, dict]:
     """Metrics and gradients of the last of `steps` steps (earlier ones are applied)."""
-    from tuneforge.train.step import update
+    from tuneforge.train.core.step import update
 
-    r = recipe_for(cfg)(cfg, **QUIET)
+    r = trainer(cfg, **QUIET)
     r.setup()
     for step in range(steps):
         if step:
@@ -94,6 +94,22 @@ def test_precomputed_reference_equals_the_live_one(tmp_path, llama_dir, finetune
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())["train"]) == 12
     m_again, _ = first_step(config(tmp_path, llama_dir, train_file, "pre2", pref={"reference": "precomputed"}, **base), steps=2)
     assert m_again["loss"] == m_pre["loss"]
+
+
+def test_dpo_qlora_on_cpu_still_learns_after_an_eval(tmp_path, llama_dir):
+    """The held-out eval runs under step.eval_mode: a plain model.eval() forward repacks bitsandbytes' 4-bit
+    CPU weights and every LoRA gradient after it is exactly zero (STACK-NOTES)."""
+    pytest.importorskip("bitsandbytes")
+    train_file = tiny.write_jsonl(tmp_path / "p.jsonl", pair_rows(16, seed=4))
+    d = config_dict(tmp_path, llama_dir, train_file, "q", data={"eval_size": 4}, finetune="lora", micro_batch_size=4, max_steps=2)
+    cfg = Config.model_validate({**d, "model": {"path": str(llama_dir), "quantize": "4bit"}})
+    r = trainer(cfg, **QUIET)
+    r.setup()  # the DPO recipe evaluates the held-out pairs here, before training
+    assert 0 <= r.recipe.before["eval_reward_accuracy"] <= 1
+    r.recipe.evaluate()  # and once more, as eval_every would
+    r.backward_step(0)
+    lora_b = {n: p.grad for n, p in r.model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
 
 
 def test_resume_reproduces_uninterrupted_dpo_run(tmp_path, llama_dir):

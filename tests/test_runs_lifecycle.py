@@ -169,8 +169,8 @@ def chromium() -> str | None:
 
 
 def test_report_renders_curves_in_headless_chromium(tmp_path):
-    from tuneforge.train.report import write_report
-    from tuneforge.train.tracking import Tracker
+    from tuneforge.train.observe.report import write_report
+    from tuneforge.train.observe.tracking import Tracker
 
     run = tmp_path / "run"
     run.mkdir()

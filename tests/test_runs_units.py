@@ -11,11 +11,11 @@ import time
 import pytest
 
 from tuneforge.errors import UserError
-from tuneforge.train.lock import LOCK, RunLock, read_owner
-from tuneforge.train.resume_check import check_resume_config
-from tuneforge.train.signals import StopFlag
-from tuneforge.train.tracking import Tracker, read_metrics
-from tuneforge.train.watchdog import Diverged, Watchdog
+from tuneforge.train.safety.lock import LOCK, RunLock, read_owner
+from tuneforge.train.safety.resume_check import check_resume_config
+from tuneforge.train.safety.signals import StopFlag
+from tuneforge.train.observe.tracking import Tracker, read_metrics
+from tuneforge.train.safety.watchdog import Diverged, Watchdog
 
 
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
@@ -179,7 +179,7 @@ def test_wandb_offline_and_mlflow_local_file(tmp_path, monkeypatch):
 
 
 def test_report_is_self_contained_with_curves(tmp_path):
-    from tuneforge.train.report import list_runs, write_report
+    from tuneforge.train.observe.report import list_runs, write_report
 
     run = tmp_path / "runs" / "a"
     run.mkdir(parents=True)
@@ -231,7 +231,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, llama_dir):
     second eval, and the best checkpoint (the first eval's) is kept in RUN_DIR/best."""
     import tiny
     from tuneforge.config.schema import Config
-    from tuneforge.train.sft import run
+    from tuneforge.train.run import run
 
     rows = tiny.write_jsonl(tmp_path / "rows.jsonl", tiny.reverse_rows(40))
     cfg = Config.model_validate({
@@ -251,7 +251,7 @@ def test_preflight_refuses_unwritable_output_and_a_disk_too_small(tmp_path):
     import torch
 
     from helpers import run_cli_inprocess
-    from tuneforge.train.preflight import check_disk, check_writable
+    from tuneforge.train.safety.preflight import check_disk, check_writable
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):

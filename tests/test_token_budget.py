@@ -9,7 +9,7 @@ from test_invariants import recipe
 from tuneforge.config.load import validate
 from tuneforge.data.collate import collate
 from tuneforge.errors import UserError
-from tuneforge.train.loss import count_targets, forward_logits, summed_ce
+from tuneforge.train.core.loss import count_targets, forward_logits, summed_ce
 
 BASE = {"model": {"path": "m"}, "data": {"train": [{"path": "t.jsonl"}], "max_length": 64}}
 

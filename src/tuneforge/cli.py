@@ -60,20 +60,20 @@ def train(config: Path, overrides: Optional[List[str]] = SetOpt,
     from tuneforge.export.after import after_train, check as check_export
 
     check_export(cfg)  # a merge/quantize/push the config asks for must be possible before an hour of training
-    from tuneforge.train import launch
+    from tuneforge.train.core import launch
 
     launch.check_launchable(nproc)
     if launch.needs_launch(cfg, nproc):
-        from tuneforge.train.engines import check
-        from tuneforge.train.sft import SFTRecipe
+        from tuneforge.train.core.engines import check
+        from tuneforge.train.run import trainer
 
         check(cfg.train)  # engine and run-directory errors show once, here, before any process starts
-        SFTRecipe(cfg, resume=resume)
+        trainer(cfg, resume=resume)
         code = launch.launch(nproc, launch.train_args(config, overrides, resume), console.print)
         if code:
             raise typer.Exit(code)
         return  # the main rank printed the summary
-    from tuneforge.train.sft import run
+    from tuneforge.train.run import run
 
     main_rank = os.environ.get("RANK", "0") == "0"  # other ranks train silently
     summary = run(cfg, resume=resume, log=console.print if main_rank else (lambda *a, **k: None))

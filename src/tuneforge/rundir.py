@@ -21,6 +21,7 @@ import yaml
 from tuneforge.errors import UserError
 
 RUN_INFO = "run_info.json"
+TRAINER_META = "trainer.json"  # inside a checkpoint folder, written last: its presence means the checkpoint is complete
 STATUSES = ("running", "finished", "failed", "interrupted")
 
 
@@ -124,6 +125,11 @@ class RunDir:
         return self.root / "parity_samples.json"
 
     @property
+    def samples(self) -> Path:
+        """Completions generated while training (grpo): prompt, completion, rewards per line; the report shows the last."""
+        return self.root / "samples.jsonl"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -152,7 +158,7 @@ class RunDir:
         """Checkpoints whose save finished (trainer.json is written last, then the folder renamed)."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p for p in self.checkpoints.glob("step-*") if (p / "trainer.json").is_file())
+        return sorted(p for p in self.checkpoints.glob("step-*") if (p / TRAINER_META).is_file())
 
     def latest_checkpoint(self) -> Path | None:
         done = self.complete_checkpoints()

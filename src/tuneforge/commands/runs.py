@@ -85,7 +85,7 @@ def doctor():
 @app.command()
 def report(run_dir: Path):
     """Rebuild RUN_DIR/report.html (one self-contained page: curves, throughput, config, data, examples)."""
-    from tuneforge.train.report import write_report
+    from tuneforge.train.observe.report import write_report
 
     if not (run_dir / "run_info.json").is_file():
         raise UserError(f"{run_dir}: not a tuneforge run directory (no run_info.json)")
@@ -95,7 +95,7 @@ def report(run_dir: Path):
 @app.command()
 def runs(folder: Path = typer.Argument(Path("runs"), help="Folder holding run directories (searched two levels deep).")):
     """A table of the runs under FOLDER: status, steps, loss, method, base model."""
-    from tuneforge.train.report import list_runs
+    from tuneforge.train.observe.report import list_runs
 
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (pass the folder that holds your run directories)")

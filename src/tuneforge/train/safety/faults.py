@@ -26,7 +26,7 @@ def fault_point(where: str, step: int | None = None) -> None:
     if f"kill@{where}:{step}" in faults or f"kill@{where}" in faults:
         os.kill(os.getpid(), signal.SIGKILL)
     if f"pause@{where}:{step}" in faults:
-        from tuneforge.train import signals
+        from tuneforge.train.safety import signals
 
         print(f"paused at {where} {step}", flush=True)
         deadline = time.time() + 60

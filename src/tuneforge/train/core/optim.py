@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.errors import UserError
-from tuneforge.train.schedule import lr_lambda, warmup_steps
+from tuneforge.train.core.schedule import lr_lambda, warmup_steps
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "lion", "lion_8bit", "sgd", "adagrad")
 

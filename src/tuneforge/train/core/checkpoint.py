@@ -6,6 +6,7 @@ so the same code saves under every engine. A checkpoint folder `RUN/checkpoints/
     model.safetensors        trainable weights only (plain DDP / one process: LoRA = adapter tensors only)
                              - or the engine's own files (pytorch_model/ for DeepSpeed, FSDP shards)
     optimizer.bin, scheduler.bin, random_states_<rank>.pkl   (accelerate; loaded with weights_only=True)
+    recipe_state_<rank>.pt   the recipe's own state, when it has one (e.g. a sampling RNG; torch.save)
     trainer.json             step, data fingerprint, batching signature: written last
 
 It is written to `.step-NNNNNNN.tmp`, fsynced, then renamed: a crash mid-save never leaves a folder that
@@ -19,8 +20,8 @@ import shutil
 from pathlib import Path
 
 from tuneforge.errors import UserError
-from tuneforge.rundir import RunDir, fsync_tree, write_json
-from tuneforge.train.faults import fault_point
+from tuneforge.rundir import TRAINER_META, RunDir, fsync_tree, write_json
+from tuneforge.train.safety.faults import fault_point
 
 MODEL_FILE = "model.safetensors"
 
@@ -68,18 +69,22 @@ def install_trainable_only_hooks(accel) -> None:
     accel.register_load_state_pre_hook(load_hook)
 
 
-def save(accel, run: RunDir, step: int, meta: dict, keep: int) -> Path:
-    """Collective: call on every process. Returns the checkpoint folder."""
+def save(accel, run: RunDir, step: int, meta: dict, keep: int, recipe_state: dict | None = None) -> Path:
+    """Collective: call on every process. Returns the checkpoint folder. `recipe_state`: this process's."""
     out, tmp = run.checkpoint(step), run.checkpoint_tmp(step)
     if accel.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accel.wait_for_everyone()
     accel.save_state(str(tmp))
+    if recipe_state is not None:
+        import torch
+
+        torch.save(recipe_state, recipe_state_path(tmp, accel.process_index))
     accel.wait_for_everyone()
     fault_point("ckpt", step)  # tests: kill -9 with the state written but the checkpoint not yet complete
     if accel.is_main_process:
-        write_json(tmp / "trainer.json", {"step": step, **meta})
+        write_json(tmp / TRAINER_META, {"step": step, **meta})
         fsync_tree(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -90,7 +95,7 @@ def save(accel, run: RunDir, step: int, meta: dict, keep: int) -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / "trainer.json").read_text())
+    return json.loads((Path(path) / TRAINER_META).read_text())
 
 
 def check_compatible(path: Path, fingerprint: str, batching: str) -> dict:
@@ -108,3 +113,15 @@ def load(accel, path: Path) -> None:
     """Collective: restores model (trainable weights), optimizer, scheduler and every process's RNG.
     accelerate loads optimizer/scheduler/RNG files with torch.load(weights_only=True)."""
     accel.load_state(str(path))
+
+
+def recipe_state_path(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"recipe_state_{rank}.pt"
+
+
+def load_recipe_state(path: Path, rank: int) -> dict | None:
+    """This process's recipe state saved with the checkpoint, or None when the recipe keeps none."""
+    import torch
+
+    f = recipe_state_path(path, rank)
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None

@@ -1,48 +1,47 @@
-"""Supervised fine-tuning. Reads top to bottom: check -> setup -> train -> save.
+"""The training loop every method shares. Reads top to bottom: check -> setup -> train -> save.
 
-The recipe is its batch (collate of SFT samples), its loss (summed masked cross-entropy, normalised by
-the target tokens of the whole step across micro-batches and processes) and its metrics. Everything else
-is the shared core: Batcher (data order), step.accumulate/update (one optimizer step), checkpoint
-(accelerate save_state/load_state), RunDir (paths + status).
+The loop owns the run: its directory (RunDir), the guard (lock, signals, watchdog), the Accelerator, the
+model, optimizer and schedule, checkpoints (with the recipe's own state), eval scheduling and tracking.
+A recipe (train/core/recipe.py) gives it the batches of a step, their loss and count, and its eval.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 from tuneforge.outputs import clear_output_dir, mark_output_dir
 from tuneforge.rundir import RunDir, versions
+from tuneforge.train.core.recipe import hook
 
 
-class SFTRecipe:
-    name = "sft"
+class Trainer:
+    """One run of one recipe. Also the recipe's `ctx` (see train/core/recipe.py for what a recipe reads)."""
 
-    def __init__(self, cfg: Config, resume: bool = False, log=print):
-        self.cfg, self.resume, self.log = cfg, resume, log
+    def __init__(self, cfg: Config, recipe, resume: bool = False, log=print):
+        from tuneforge.train.safety.guard import RunGuard
+
+        self.cfg, self.recipe, self.resume, self.log = cfg, recipe, resume, log
         self.run = RunDir(cfg.run_dir)
         self.started = False  # True once this invocation owns the run's status
-        self._check_run_dir()
-
-    # ---- checks that fail before anything heavy -------------------------------------------------
-    def _check_run_dir(self) -> None:
-        from tuneforge.train.guard import RunGuard
-
-        # Lock, resume checks (config changes, finished runs), watchdog, signals: see train/guard.py.
-        self.guard = RunGuard(self.cfg, self.run, self.resume, self.log)
-        if not self.resume:
-            self.run.check_new(self.cfg)  # never a folder holding another run, or one tuneforge did not write
+        self.model = None
+        self.start_step = self.total_steps = 0
+        # Cheap checks before anything heavy: lock, resume checks (config changes, finished runs): safety/guard.py.
+        self.guard = RunGuard(cfg, self.run, resume, log)
+        if not resume:
+            self.run.check_new(cfg)  # never a folder holding another run, or one tuneforge did not write
 
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from tuneforge.train.launch import prepare_once
         from tuneforge.model.adapters import prepare_for_training
         from tuneforge.model.load import load_model, load_tokenizer, resolve_model_dir
-        from tuneforge.train import checkpoint
-        from tuneforge.train.engine import make_accelerator, seed_everything
-        from tuneforge.train.flops import mean_length, run_flops
-        from tuneforge.train.optim import build_optimizer, build_scheduler
+        from tuneforge.train.core import checkpoint
+        from tuneforge.train.core.engine import make_accelerator, seed_everything
+        from tuneforge.train.core.flops import mean_length, run_flops
+        from tuneforge.train.core.launch import prepare_once
+        from tuneforge.train.core.optim import build_optimizer, build_scheduler
 
         cfg, t = self.cfg, self.cfg.train
         self.accel = make_accelerator(cfg)
@@ -56,9 +55,10 @@ class SFTRecipe:
         self.source = resolve_model_dir(cfg.model, self.log)
         self.tokenizer = load_tokenizer(self.source, cfg.model)
         # Preparation runs once (main process); the others wait for its cache on disk, not in a collective.
-        self.data = prepare_once(self.accel, cfg.data, self.tokenizer, self.log)
-        self.packed = cfg.data.packing != "off"
-        self.batcher = self.make_batcher()
+        # A recipe whose items are neither SFT samples nor pairs prepares its own (grpo: prompt rows).
+        own = hook(self.recipe, "prepare_data")
+        self.data = own(self) if own else prepare_once(self.accel, cfg.data, self.tokenizer, self.log)
+        self.batcher = self.recipe.batcher(self)
         self._plan_steps()
         model = prepare_for_training(load_model(self.source, cfg.model), cfg, self.tokenizer, self.log)
         self.guard.preflight(model)  # enough disk for the checkpoints, before the first step
@@ -67,29 +67,23 @@ class SFTRecipe:
         scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accel.prepare(model, optimizer, scheduler)
         checkpoint.install_trainable_only_hooks(self.accel)
-        self.start_step = self._restore() if self.resume else 0
+        recipe_state = self._restore() if self.resume else None
         self._write_run_files()
-
-    def make_batcher(self):
-        """The training items and how they are dealt out (a preference recipe deals pairs: train/dpo.py)."""
-        from tuneforge.data.batcher import Batcher
-
-        cfg, t = self.cfg, self.cfg.train
-        if not self.data.train:
-            raise UserError(f"the data holds {len(self.data.pairs) + len(self.data.eval_pairs)} preference pairs / KTO rows and no "
-                            "SFT samples: set train.method: dpo (or orpo, simpo, kto) to train on them")
-        return Batcher(self.data.train, self.data.units, t.micro_batch_size, t.grad_accum, self.accel.num_processes,
-                       t.seed, layout="packed" if cfg.data.packing == "padding_free" else "rows")
+        self.recipe.setup(self)  # reference models, caches, an eval before training
+        if recipe_state is not None:
+            self.recipe.load_state_dict(recipe_state)
 
     def _plan_steps(self) -> None:
         t, d, b = self.cfg.train, self.cfg.data, self.batcher
+        binned = len(b.units) != len(b.items)
         if b.steps_per_epoch == 0:
-            what = f"{len(self.data.train)} training samples" + (f" packed into {len(b.units)} bins" if d.packing == "bins" else "")
+            what = f"{len(b.items)} training {getattr(self.recipe, 'items_name', 'items')}"
             raise UserError(
-                f"{what} but one optimizer step needs {b.units_per_step} (micro_batch_size x grad_accum x processes): "
-                "lower train.micro_batch_size or train.grad_accum" + (" or data.pack_length" if d.packing == "bins" else "")
+                f"{what}{f' packed into {len(b.units)} bins' if binned else ''} but one optimizer step needs {b.units_per_step} "
+                "(micro_batch_size x grad_accum x processes): lower train.micro_batch_size or train.grad_accum"
+                + (" or data.pack_length" if binned else "")
             )
-        if d.packing == "bins":
+        if d.packing == "bins" and "packing" in self.data.report:
             p = self.data.report["packing"]
             self.log(f"packing: {len(self.data.train)} samples in {p['bins']} bins of {p['pack_length']} tokens ({p['bin_fill']:.1%} full)")
         if self.data.report.get("truncated"):  # said once here, not only in data_report.json
@@ -105,68 +99,56 @@ class SFTRecipe:
                             "empty (too little data for data.eval_split to hold out a row): raise data.eval_split, "
                             "set data.eval_size or data.eval")
 
-    def _restore(self) -> int:
-        from tuneforge.train import checkpoint
+    def _restore(self):
+        """Weights, optimizer, schedule, RNGs and watchdog from the latest checkpoint -> the recipe's saved state."""
+        from tuneforge.train.core import checkpoint
 
         ckpt = self.run.latest_checkpoint()
         if ckpt is None:  # killed before the first checkpoint: start again from step 0 in the same directory
             self.log(f"--resume: no complete checkpoint in {self.run.checkpoints} yet; training starts again from step 0")
-            return 0
+            return None
         meta = checkpoint.check_compatible(ckpt, self.data.fingerprint, self.batcher.signature())
         checkpoint.load(self.accel, ckpt)
         self.guard.restore(meta)
+        self.start_step = meta["step"]
         self.log(f"resumed from {ckpt} (step {meta['step']})")
-        return meta["step"]
+        return checkpoint.load_recipe_state(ckpt, self.accel.process_index)
 
     def _write_run_files(self) -> None:
         if self.accel.is_main_process:
             self.run.write_config(self.cfg)
             self.run.write_json(self.run.data_report, self.data.report)
             # A few token sequences kept with the run so `merge` can check parity from the directory alone.
-            self.run.write_json(self.run.parity_samples, [s.input_ids for s in (self.data.eval or self.data.train)[:4]])
+            samples = hook(self.recipe, "parity_samples")
+            ids = samples() if samples else [s.input_ids for s in (self.data.eval or self.data.train)[:4]]
+            self.run.write_json(self.run.parity_samples, ids)
             self.run.start(
-                recipe=self.name, finetune=self.cfg.train.finetune, base_model=self.cfg.model.model_dump(),
+                recipe=self.recipe.name, finetune=self.cfg.train.finetune, base_model=self.cfg.model.model_dump(),
                 base_model_dir=self.source, data_fingerprint=self.data.fingerprint, versions=versions(),
                 total_steps=self.total_steps, processes=self.accel.num_processes, packing=self.data.report.get("packing"),
             )
         self.started = True
 
-    # ---- the recipe's batch and loss ----------------------------------------------------------------
-    def collate(self, micro) -> dict:
-        from tuneforge.data.collate import collate
-        from tuneforge.train.step import to_device
-
-        return to_device(collate(micro.rows, self.tokenizer.pad_token_id, self.packed), self.accel.device)
-
-    def loss(self, model, batch, label_smoothing: float | None = None):
-        """Summed masked cross-entropy (label smoothing while training; eval passes 0: the plain CE)."""
-        from tuneforge.train.loss import token_loss
-
-        smoothing = self.cfg.train.label_smoothing if label_smoothing is None else label_smoothing
-        return token_loss(model, batch, self.cfg.train.loss_kernel, smoothing)
-
-    @staticmethod
-    def count(batch) -> int:
-        from tuneforge.train.loss import count_targets
-
-        return count_targets(batch)
-
     # ---- train ------------------------------------------------------------------------------------
     def backward_step(self, step: int) -> dict:
         """Forward + backward over this process's micro-batches of `step`; grads hold d(loss)/d(params) after."""
-        from tuneforge.train.loss import real_tokens
-        from tuneforge.train.step import accumulate
+        from tuneforge.train.core.loss import real_tokens
+        from tuneforge.train.core.step import accumulate
 
+        r = self.recipe
         sb = self.batcher.step(step, self.accel.process_index)
-        batches = [self.collate(mb) for mb in sb.micro]
-        return {**accumulate(self.accel, self.model, batches, self.loss, self.count, real_tokens), "epoch": sb.epoch}
+        m = accumulate(self.accel, self.model, r.batches(sb), r.loss, r.count, hook(r, "tokens") or real_tokens)
+        if r.unit != "target_tokens":
+            m[r.unit] = m.pop("target_tokens")
+        m["epoch"] = sb.epoch
+        reshape = hook(r, "step_metrics")
+        return reshape(m) if reshape else m
 
     def train(self) -> dict:
-        from tuneforge.train.engine import generate_eval, update_bar
-        from tuneforge.train.engine import generate_eval, update_bar
-        from tuneforge.train.step import update
-        from tuneforge.train.flops import mfu
-        from tuneforge.train.tracking import Tracker, progress_bar
+        from tuneforge.train.core.engine import generate_eval, update_bar
+        from tuneforge.train.core.flops import mfu
+        from tuneforge.train.core.step import update
+        from tuneforge.train.observe.tracking import Tracker, progress_bar
 
         t = self.cfg.train
         self.tracker = Tracker(self.run.root, self.cfg.tracking.tensorboard, enabled=self.accel.is_main_process,
@@ -194,9 +176,9 @@ class SFTRecipe:
                 update_bar(bar, done, self.total_steps, last, self.log)
                 best = early = None
                 if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
-                    eval_loss = self.eval_loss()
-                    self.tracker.log(done, eval_loss=eval_loss)
-                    best, early = self.guard.after_eval(done, eval_loss)
+                    held_out = self.recipe.evaluate()
+                    self.tracker.log(done, **held_out)
+                    best, early = self.guard.after_eval(done, held_out.get("eval_loss", math.nan))
                 if (t.save_every and done % t.save_every == 0) or signalled or early or (best and t.keep_best):
                     self._save_checkpoint(done, best=bool(best))
                 if signalled:
@@ -206,67 +188,54 @@ class SFTRecipe:
                     break
         return self.guard.loop_done(last)
 
-    def eval_loss(self) -> float:
-        """Cross-entropy per target token over the whole eval split, sharded across processes."""
-        from tuneforge.data.batcher import eval_batches
-        from tuneforge.train.step import evaluate
-
-        mine = eval_batches(self.data.eval, self.cfg.train.micro_batch_size, self.accel.process_index,
-                            self.accel.num_processes, layout="packed" if self.cfg.data.packing == "padding_free" else "rows")
-        plain_ce = lambda model, batch: self.loss(model, batch, label_smoothing=0.0)  # noqa: E731
-        return evaluate(self.accel, self.model, [(self.collate(mb), mb.dummy) for mb in mine], plain_ce, self.count)
-
     def _save_checkpoint(self, step: int, best: bool = False) -> None:
-        from tuneforge.train import checkpoint
+        from tuneforge.train.core import checkpoint
 
         meta = {"data_fingerprint": self.data.fingerprint, "batching": self.batcher.signature(), **self.guard.state()}
-        path = checkpoint.save(self.accel, self.run, step, meta, self.cfg.train.keep_checkpoints)
+        state = hook(self.recipe, "state_dict")
+        path = checkpoint.save(self.accel, self.run, step, meta, self.cfg.train.keep_checkpoints, state() if state else None)
         if self.accel.is_main_process:
             self.run.update(last_checkpoint=str(path), step=step)
         self.guard.checkpointed(step, path, best)  # best copy, report.html refreshed
 
     # ---- save -------------------------------------------------------------------------------------
     def save(self, last: dict) -> dict:
-        from tuneforge.train.engine import generate_eval, generate_eval_before, save_final
-        from tuneforge.train.tracking import plot_loss
+        from tuneforge.train.core.engine import generate_eval, generate_eval_before, save_final
+        from tuneforge.train.observe.tracking import plot_loss
 
         summary = {"final_loss": last.get("loss"), "steps": self.total_steps}
-        if self.data.eval:
-            summary["eval_loss"] = self.eval_loss()
-            self.tracker.log(self.total_steps, eval_loss=summary["eval_loss"])
+        held_out = self.recipe.evaluate()
+        if held_out:
+            self.tracker.log(self.total_steps, **held_out)
+            summary.update(held_out)
         if self.cfg.train.generate_eval.samples:
             summary["generate_eval_after"] = generate_eval(self, self.total_steps, "after")
         save_final(self.accel, self.model, self.tokenizer, self.run.final)  # collective: gathers sharded weights
+        extra = hook(self.recipe, "summary")
+        summary.update(extra(last) if extra else {})
         if self.accel.is_main_process:
             self.tracker.close()
             if self.cfg.tracking.plot:
                 plot_loss(self.run.root)
             if generate_eval_before(self.run):
                 summary["generate_eval_before"] = generate_eval_before(self.run)
-            self.run.finish(final_dir=str(self.run.final), summary=summary)
+            info = hook(self.recipe, "run_info")
+            self.run.finish(final_dir=str(self.run.final), summary=summary, **(info() if info else {}))
         return summary
 
+    def close(self) -> None:
+        self.guard.close()  # report.html, lock released, signal handlers restored
 
-def recipe_for(cfg: Config) -> type:
-    """train.method -> its recipe class."""
-    if cfg.train.method == "sft":
-        return SFTRecipe
-    from tuneforge.train.dpo import RECIPES
+    def fit(self) -> dict:
+        """setup -> train -> save; a run that dies ends `failed` (or `interrupted`) with the one-line reason
+        in run_info.json."""
+        try:
+            self.setup()
+            return self.save(self.train())
+        except BaseException as exc:
+            from tuneforge.train.core.engine import record_failure
 
-    return RECIPES[cfg.train.method]
-
-
-def run(cfg: Config, resume: bool = False, log=print, recipe_cls=None) -> dict:
-    """Run a recipe (train.method's, unless given); a run that dies ends `failed` (or `interrupted`) with the
-    one-line reason in run_info.json."""
-    recipe = (recipe_cls or recipe_for(cfg))(cfg, resume=resume, log=log)
-    try:
-        recipe.setup()
-        return recipe.save(recipe.train())
-    except BaseException as exc:
-        from tuneforge.train.engine import record_failure
-
-        record_failure(recipe, exc)
-        raise
-    finally:
-        recipe.guard.close()  # report.html, lock released, signal handlers restored
+            record_failure(self, exc)
+            raise
+        finally:
+            self.close()

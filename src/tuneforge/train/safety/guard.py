@@ -21,15 +21,15 @@ import shutil
 from pathlib import Path
 
 from tuneforge.errors import UserError
-from tuneforge.train.faults import fault_point, poison
-from tuneforge.train.signals import Interrupted, StopFlag
-from tuneforge.train.watchdog import Watchdog
+from tuneforge.train.safety.faults import fault_point, poison
+from tuneforge.train.safety.signals import Interrupted, StopFlag
+from tuneforge.train.safety.watchdog import Watchdog
 
 
 class RunGuard:
     def __init__(self, cfg, run, resume: bool, log=print):
-        from tuneforge.train.lock import refuse_if_live
-        from tuneforge.train.preflight import check_writable
+        from tuneforge.train.safety.lock import refuse_if_live
+        from tuneforge.train.safety.preflight import check_writable
 
         self.cfg, self.run, self.resume, self.log = cfg, run, resume, log
         self.lock = None
@@ -45,7 +45,7 @@ class RunGuard:
 
     # ---- before anything heavy -----------------------------------------------------------------------
     def _check_resume(self) -> None:
-        from tuneforge.train.resume_check import check_resume_config
+        from tuneforge.train.safety.resume_check import check_resume_config
 
         run, t = self.run, self.cfg.train
         if not run.exists():
@@ -65,9 +65,9 @@ class RunGuard:
             self.log(f"resume: accepted config changes that do not alter the run: {', '.join(changed)}")
 
     def acquire(self, accel) -> None:
-        from tuneforge.train.lock import RunLock
+        from tuneforge.train.safety.lock import RunLock
 
-        from tuneforge.train.preflight import check_plan_on_gpu
+        from tuneforge.train.safety.preflight import check_plan_on_gpu
 
         self.main = accel.is_main_process
         if self.main:
@@ -76,7 +76,7 @@ class RunGuard:
         check_plan_on_gpu(self.cfg, self.log)
 
     def preflight(self, model) -> None:
-        from tuneforge.train.preflight import check_disk
+        from tuneforge.train.safety.preflight import check_disk
 
         if self.main:
             t = self.cfg.train
@@ -99,7 +99,7 @@ class RunGuard:
 
     def measure(self, metrics: dict) -> None:
         """Add the peak memory so far to a step's metrics (MFU comes from train/flops.py where the recipe logs it)."""
-        from tuneforge.train.tracking import peak_memory_gib
+        from tuneforge.train.observe.tracking import peak_memory_gib
 
         metrics["peak_mem_gib"] = round(peak_memory_gib(), 3)
 
@@ -113,7 +113,7 @@ class RunGuard:
     def loop_done(self, last: dict) -> dict:
         """After the loop: the last step's metrics, or the last logged ones when this invocation trained no
         step (a resume from a checkpoint at the final step, after a kill during the final save)."""
-        from tuneforge.train.tracking import read_metrics
+        from tuneforge.train.observe.tracking import read_metrics
 
         fault_point("final")
         if last:
@@ -171,7 +171,7 @@ class RunGuard:
         if not self.main:
             return
         try:
-            from tuneforge.train.report import write_report
+            from tuneforge.train.observe.report import write_report
 
             write_report(self.run.root)
         except OSError as exc:  # a report must never fail a run

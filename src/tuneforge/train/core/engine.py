@@ -1,4 +1,4 @@
-"""What every recipe needs around its loop: the Accelerator, seeding, the final consolidated save, and the
+"""What the training loop needs around it: the Accelerator, seeding, the final consolidated save, and the
 run's end status when it dies. Engines (DDP, DeepSpeed, FSDP) plug in at `make_accelerator`."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def mixed_precision(cfg) -> str:
 def make_accelerator(cfg):
     import torch
 
-    from tuneforge.train.engines import build_accelerator
+    from tuneforge.train.core.engines import build_accelerator
 
     if cfg.train.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -60,19 +60,19 @@ def save_final(accel, model, tokenizer, final: Path) -> None:
     accel.wait_for_everyone()
 
 
-def record_failure(recipe, exc: BaseException) -> None:
+def record_failure(trainer, exc: BaseException) -> None:
     """Mark the run failed/interrupted with a one-line reason, if this invocation had started it."""
-    if not getattr(recipe, "started", False):
+    if not getattr(trainer, "started", False):
         return  # refused before starting (bad config, resume mismatch): the run dir keeps its own status
-    accel = getattr(recipe, "accel", None)
+    accel = getattr(trainer, "accel", None)
     if accel is not None and not accel.is_main_process:
         return
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM/SIGINT handled after a checkpoint (signals.Interrupted)
-        recipe.run.interrupt(str(exc) or "interrupted (Ctrl-C)")
+        trainer.run.interrupt(str(exc) or "interrupted (Ctrl-C)")
     elif isinstance(exc, SystemExit) and not exc.code:
         return
     else:
-        recipe.run.fail(exc)
+        trainer.run.fail(exc)
 
 
 def update_bar(bar, done: int, total: int, m: dict, log) -> None:
@@ -84,28 +84,28 @@ def update_bar(bar, done: int, total: int, m: dict, log) -> None:
             log(f"step {done}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s")
 
 
-def generate_eval(recipe, step: int, tag: str) -> dict:
+def generate_eval(trainer, step: int, tag: str) -> dict:
     """Greedy answers to held-out prompts, scored (exact / json), logged and written to the run dir."""
     from tuneforge.metrics import score
     from tuneforge.model.generate import generate_batch
 
-    cfg, accel = recipe.cfg, recipe.accel
+    cfg, accel = trainer.cfg, trainer.accel
     g = cfg.train.generate_eval
     if tag == "before" and cfg.model.quantize == "4bit" and accel.device.type == "cpu":
         # Generation runs in eval mode, where bitsandbytes repacks 4-bit weights for CPU inference and
         # LoRA training on them goes wrong afterwards: only the after-training answers are scored.
-        recipe.log("generate_eval: skipped before training (4-bit model on CPU); scored after training only")
+        trainer.log("generate_eval: skipped before training (4-bit model on CPU); scored after training only")
         return {}
-    convs = [s.messages for s in recipe.data.eval if isinstance(s.messages, list)][: g.samples]  # not corpus text
+    convs = [s.messages for s in trainer.data.eval if isinstance(s.messages, list)][: g.samples]  # not corpus text
     last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in convs]
     prompts = [c[:i] for c, i in zip(convs, last)]
     refs = [c[i]["content"] for c, i in zip(convs, last)]
-    preds = generate_batch(accel.unwrap_model(recipe.model), recipe.tokenizer, prompts, g.max_new_tokens)
+    preds = generate_batch(accel.unwrap_model(trainer.model), trainer.tokenizer, prompts, g.max_new_tokens)
     result = score(preds, refs, g.metric)
     if accel.is_main_process:
-        recipe.tracker.log(step, **{f"{k}_{tag}": v for k, v in result.items()})
+        trainer.tracker.log(step, **{f"{k}_{tag}": v for k, v in result.items()})
         examples = [{"prompt": p[-1]["content"], "reference": r, "prediction": o} for p, r, o in zip(prompts, refs, preds)]
-        recipe.run.write_json(recipe.run.generate_eval(tag), {"step": step, **result, "examples": examples})
+        trainer.run.write_json(trainer.run.generate_eval(tag), {"step": step, **result, "examples": examples})
     return result
 
 

@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from tuneforge.train.tracking import fsync_write, read_metrics
+from tuneforge.train.observe.tracking import fsync_write, read_metrics
 
 REPORT = "report.html"
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -114,8 +114,29 @@ def build_report(run_dir: Path) -> str:
             parts.append("<table><tr><th>prompt</th><th>reference</th><th>prediction</th></tr>" + "".join(
                 f"<tr><td>{e(str(x.get('prompt')))}</td><td>{e(str(x.get('reference')))}</td><td>{e(str(x.get('prediction')))}</td></tr>"
                 for x in ex[:20]) + "</table>")
+    parts += _online_rl(run_dir, rows)
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def _online_rl(run_dir: Path, rows: list[dict]) -> list[str]:
+    """grpo runs: the reward curves and the last generated samples (RUN_DIR/samples.jsonl)."""
+    from tuneforge.rundir import RunDir
+
+    if not any("reward" in r for r in rows):
+        return []
+    e = html.escape
+    chart = svg_chart({"train reward": _series(rows, "reward"), "eval reward": _series(rows, "eval_reward")})
+    out = [f"<h2>Rewards</h2><figure id='chart-reward'><figcaption>reward (mean)</figcaption>{chart}</figure>"]
+    path = RunDir(run_dir).samples
+    lines = path.read_text(encoding="utf-8").splitlines()[-20:] if path.is_file() else []
+    samples = [json.loads(line) for line in lines if line.strip()]
+    out.append("<h2>Generated samples (last 20)</h2><table><tr><th>step</th><th>prompt</th><th>completion</th><th>rewards</th>"
+               "<th>advantage</th></tr>" + "".join(
+                   f"<tr><td>{x.get('step')}</td><td>{e(str((x.get('prompt') or [{}])[-1].get('content')))}</td>"
+                   f"<td>{e(str(x.get('completion')))}</td><td>{e(json.dumps(x.get('rewards')))}</td><td>{x.get('advantage')}</td></tr>"
+                   for x in samples) + "</table>")
+    return out
 
 
 def throughput(rows: list[dict]) -> dict:
@@ -150,7 +171,7 @@ def write_report(run_dir: Path) -> Path:
 
 def list_runs(folder: Path) -> list[dict]:
     """Run directories under `folder` (itself, children, grandchildren) with their status and last numbers."""
-    from tuneforge.train.lock import read_owner
+    from tuneforge.train.safety.lock import read_owner
 
     found = []
     for info_path in sorted({*Path(folder).glob("run_info.json"), *Path(folder).glob("*/run_info.json"),

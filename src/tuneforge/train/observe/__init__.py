@@ -1,0 +1,1 @@
+"""What shows a run: metrics tracking and the HTML report."""
