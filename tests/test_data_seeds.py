@@ -177,7 +177,7 @@ def test_export_writes_cleaned_train_and_val_as_the_report_counts(tmp_path, toke
     assert (second / "val.jsonl").read_bytes() == (out / "val.jsonl").read_bytes()
 
 
-def test_export_never_overwrites_the_users_files(tmp_path, tokenizer):
+def test_export_never_overwrites_the_users_files(tmp_path, tokenizer, monkeypatch):
     src = tmp_path / "data"
     src.mkdir()
     tiny.write_jsonl(src / "train.jsonl", tiny.reverse_rows(6))
@@ -187,6 +187,9 @@ def test_export_never_overwrites_the_users_files(tmp_path, tokenizer):
     with pytest.raises(UserError, match="inside the data folder"):  # it would be read back as data next time
         prep(tmp_path, tokenizer, [{"path": str(src)}], export_dir=str(src / "out"))
     assert (src / "train.jsonl").read_bytes() == mine and not (src / "out").exists()
+    monkeypatch.setenv("RANK", "1")  # the other ranks of a distributed run read the cache: only the main rank writes files
+    prep(tmp_path, tokenizer, [{"path": str(src / "train.jsonl")}], export_dir=str(tmp_path / "ranked"))
+    assert not (tmp_path / "ranked").exists()
 
 
 @pytest.mark.slow

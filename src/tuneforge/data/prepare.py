@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -109,7 +110,7 @@ def prepare(data_cfg: DataConfig, tokenizer, log=_stderr) -> Prepared:
 
     fingerprint = data_fingerprint(data_cfg, tokenizer)
     cache_dir = cache_path(data_cfg, fingerprint)
-    out = Path(data_cfg.export_dir).expanduser() if data_cfg.export_dir else None
+    out = _export_target(data_cfg)
     if out is not None:
         export.check_target(out, [s.path for s in data_cfg.train + data_cfg.eval if s.path])
     if (cache_dir / "report.json").is_file() and (out is None or export.is_current(out, fingerprint)):
@@ -131,13 +132,8 @@ def prepare(data_cfg: DataConfig, tokenizer, log=_stderr) -> Prepared:
         pref_items, eval_pref = _split(pref_items, data_cfg, data_cfg.seed)
     if data_cfg.max_eval_samples:
         eval_items, eval_pref = eval_items[: data_cfg.max_eval_samples], eval_pref[: data_cfg.max_eval_samples]
-    with progress("tokenize", len(items) + len(eval_items) + len(pref_items) + len(eval_pref), log) as bar:
-        train = _encode_all(items, tokenizer, data_cfg, report, bar)
-        evals = _encode_all(eval_items, tokenizer, data_cfg, report, bar)
-        pairs, eval_pairs, pref_counts, kept = _encode_preference(pref_items, eval_pref, tokenizer, data_cfg, report, bar)
-    # The rows that train and the rows held out, as items (before corpus blocks cut across them).
-    split_items = {"train": [s.messages for s in train] + kept[0], "val": [s.messages for s in evals] + kept[1]}
-    report["truncated"] += pref_counts["truncated_pairs"]
+    train, evals, pairs, eval_pairs, pref_counts, split_items = _encode_splits(
+        (items, eval_items, pref_items, eval_pref), tokenizer, data_cfg, report, log)
     if data_cfg.group_texts:
         train, evals = _blocks(train, data_cfg.block_size, report), _blocks(evals, data_cfg.block_size, report)
     if not train and not pairs:
@@ -148,10 +144,30 @@ def prepare(data_cfg: DataConfig, tokenizer, log=_stderr) -> Prepared:
         from tuneforge.data import preference
 
         report["preference"] = preference.report(pairs, eval_pairs, pref_counts)
-    _save_cache(cache_dir, train, evals, (pairs, eval_pairs), report)
-    if out is not None:
+    if out is not None:  # before the cache: the other ranks of a distributed run start when its report.json appears
         export.write(out, fingerprint, {"cleaned": cleaned, **split_items}, report, log)
+    _save_cache(cache_dir, train, evals, (pairs, eval_pairs), report)
     return _with_packing(Prepared(train, evals, fingerprint, report, pairs=pairs, eval_pairs=eval_pairs), data_cfg, log, out)
+
+
+def _encode_splits(parts: tuple, tokenizer, data_cfg: DataConfig, report: dict, log):
+    """(SFT train, SFT eval, pairs train, pairs eval) items -> encoded, with truncation counts and the kept
+    items of each split (what export writes as train.jsonl / val.jsonl, before corpus blocks cut across them)."""
+    items, eval_items, pref_items, eval_pref = parts
+    with progress("tokenize", sum(map(len, parts)), log) as bar:
+        train = _encode_all(items, tokenizer, data_cfg, report, bar)
+        evals = _encode_all(eval_items, tokenizer, data_cfg, report, bar)
+        pairs, eval_pairs, pref_counts, kept = _encode_preference(pref_items, eval_pref, tokenizer, data_cfg, report, bar)
+    report["truncated"] += pref_counts["truncated_pairs"]
+    split_items = {"train": [s.messages for s in train] + kept[0], "val": [s.messages for s in evals] + kept[1]}
+    return train, evals, pairs, eval_pairs, pref_counts, split_items
+
+
+def _export_target(data_cfg: DataConfig) -> Path | None:
+    """data.export_dir, for one process only: in a distributed run the main rank writes the files."""
+    if not data_cfg.export_dir or os.environ.get("RANK", "0") != "0":
+        return None
+    return Path(data_cfg.export_dir).expanduser()
 
 
 def _apart(items: list) -> tuple[list, list]:
