@@ -277,8 +277,8 @@ class GenerateEval(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
-        "sft", description="Training method: sft (supervised), or preference training on chosen/rejected data: dpo, orpo, simpo, kto (see `preference:`).")
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field(
+        "sft", description="Training method: sft (supervised), or preference training on chosen/rejected data: dpo, orpo, simpo, kto (see `preference:`), or grpo: online RL on prompts with reward functions (see `grpo:`).")
     finetune: Literal["lora", "full", "freeze"] = Field("lora", description="Train a LoRA adapter, all weights, or only some (freeze: see train.freeze).")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="finetune: freeze - which parameters train; everything else is frozen.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "lion", "lion_8bit", "sgd", "adagrad"] = Field(
@@ -379,6 +379,78 @@ class PreferenceConfig(Section):
         "auto = adapter_disabled with LoRA, frozen_copy otherwise.")
 
 
+class RewardSpec(Section):
+    """One reward of train.method: grpo (train/recipes/grpo_rewards.py); the completion's reward is the weighted sum."""
+
+    type: Literal["exact_match", "regex", "json", "json_schema", "math", "length", "function"] = Field(
+        description="exact_match: the reply equals the row's `column`; regex: `pattern` matches the reply; json: the reply parses "
+        "as JSON; json_schema: it validates against `json_schema` (or a per-row schema in `column`); math: its final answer "
+        "equals `column` mathematically (math-verify); length: DAPO's soft overlong penalty (0 down to -1); function: your own "
+        "`module:function` (needs data.allow_code).")
+    weight: float = Field(1.0, ge=-1000, le=1000, description="Weight of this reward in the sum.")
+    name: Optional[str] = Field(None, description="Name in logs (rewards/<name>/mean); default the type, or the function's name.")
+    column: Optional[str] = Field(None, description="exact_match / math: the prompt rows' column with the reference answer (default answer); json_schema: a column holding each row's schema.")
+    pattern: Optional[str] = Field(None, description="regex: a Python regular expression searched in the reply (anchor with ^...$ for the whole reply).")
+    json_schema: Optional[dict] = Field(None, description="json_schema: the JSON Schema every reply must satisfy.")
+    function: Optional[str] = Field(None, description="function: 'module:function' called as f(completions, completion_ids, prompts, **columns) -> list of float or None.")
+    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS, description="length: completion tokens at which the penalty reaches -1 (default grpo.max_completion_length).")
+    soft_tokens: int = Field(32, ge=1, le=MAX_TOKENS, description="length: the penalty falls linearly over this many tokens before max_tokens.")
+
+    @model_validator(mode="after")
+    def _fields_fit_type(self) -> "RewardSpec":
+        needs = {"regex": "pattern", "function": "function"}
+        allowed = {"exact_match": {"column"}, "math": {"column"}, "regex": {"pattern"}, "json": set(),
+                   "json_schema": {"json_schema", "column"}, "length": {"max_tokens", "soft_tokens"}, "function": {"function"}}[self.type]
+        extra = sorted(self.chosen() & {"column", "pattern", "json_schema", "function", "max_tokens", "soft_tokens"} - allowed)
+        if extra:
+            raise ValueError(f"{extra[0]}: does not apply to a {self.type} reward (remove it)")
+        if self.type in needs and not getattr(self, needs[self.type]):
+            raise ValueError(f"a {self.type} reward needs {needs[self.type]}:")
+        if self.type == "json_schema" and (self.json_schema is None) == (self.column is None):
+            raise ValueError("a json_schema reward needs exactly one of json_schema: (inline) or column: (a schema per row)")
+        if self.type == "regex":
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern: {self.pattern!r} is not a valid regular expression ({exc})") from None
+        if self.type == "function" and (":" not in self.function or not all(self.function.partition(":")[::2])):
+            raise ValueError(f"function: {self.function!r} must be 'module:function'")
+        if self.max_tokens is not None and self.soft_tokens >= self.max_tokens:
+            raise ValueError(f"soft_tokens ({self.soft_tokens}) must be below max_tokens ({self.max_tokens})")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.function.partition(":")[2] if self.type == "function" else self.type)
+
+
+class GRPOConfig(Section):
+    """Online RL with group-relative advantages (train.method: grpo); names and defaults follow TRL 1.16's GRPOConfig."""
+
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Reward functions scored on every completion; a completion's reward is their weighted sum.")
+    num_generations: int = Field(8, ge=2, le=1024, description="Completions sampled per prompt (a group); train.micro_batch_size x grad_accum counts completions and must be a multiple of it.")
+    max_completion_length: int = Field(256, ge=1, le=MAX_TOKENS, description="Most tokens generated per completion; a completion cut here is truncated.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature (also divides the logits of the trained log-probs, as TRL).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this much probability (1 = off).")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="Sample among the k most likely tokens (0 = off).")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantages = reward - group mean, divided by the group's std (group), the whole batch's std (batch), or not at all (none: Dr. GRPO). true/false mean group/none.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="Normalisation: grpo = mean over completions of each one's mean token loss; bnpo = token mean per micro-batch; "
+        "dr_grpo = token sum / (completions x max_completion_length); dapo = token mean over the whole step.")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clip range of the policy ratio below: 1 - epsilon (and above, unless epsilon_high).")
+    epsilon_high: Optional[float] = Field(None, gt=0, le=100, description="Upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); default epsilon.")
+    beta: float = Field(0.0, ge=0, le=1000, description="Weight of the KL penalty to the reference (LoRA: the adapter disabled; full: a frozen copy); 0 = no reference.")
+    num_iterations: int = Field(1, ge=1, le=1000, description="Optimizer steps on each generated batch (PPO's mu); the sampling policy's log-probs are kept for the ratio.")
+    mask_truncated_completions: bool = Field(False, description="Completions cut at max_completion_length carry no loss (DAPO).")
+    generation: Literal["transformers", "vllm"] = Field("transformers", description="Sampling engine: transformers generate (CPU/GPU, LoRA, QLoRA), or vllm (GPU with vLLM installed; not implemented yet: refused).")
+    log_samples: int = Field(4, ge=0, le=10_000, description="Completions per logged step written to RUN_DIR/samples.jsonl (prompt, completion, rewards) and shown in the report.")
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_bool(cls, v):
+        return {True: "group", False: "none"}.get(v, v) if isinstance(v, bool) else v
+
+
 class OutputConfig(Section):
     dir: Annotated[str, PathField("write")] = Field("runs/run", description="Run directory: config, metrics, checkpoints and the final adapter/model.")
     overwrite: bool = Field(False, description="Allow training into a directory that already holds a finished run.")
@@ -466,6 +538,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference-training parameters (train.method dpo, orpo, simpo, kto).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="After a finished run: merge, GPTQ-quantize, push to the hub.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="Online RL parameters (train.method grpo): rewards, sampling, clipping, loss normalisation.")
     # Where the config was read from (set by load_config): its folder is never overwritten by a run.
     _config_path: Optional[Path] = PrivateAttr(None)
 
@@ -519,6 +592,35 @@ class Config(Section):
             raise ValueError("preference.reference: adapter_disabled needs train.finetune: lora (use frozen_copy or precomputed)")
         if self.data.clean.max_per_cluster and not self.data.clean.clusters:
             raise ValueError("data.clean.max_per_cluster needs data.clean.clusters (the number of clusters)")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_fits(self) -> "Config":
+        g, t = self.grpo, self.train
+        if t.method != "grpo":
+            if g.chosen():
+                raise ValueError(f"grpo.{sorted(g.chosen())[0]} applies to train.method: grpo, not {t.method} (remove the grpo section)")
+            return self
+        if not g.rewards:
+            raise ValueError("train.method: grpo needs grpo.rewards (e.g. [{type: exact_match, column: answer}])")
+        code = [r.function for r in g.rewards if r.type == "function"]
+        if code and not self.data.allow_code and os.environ.get("TUNEFORGE_ALLOW_CODE") != "1":
+            raise ValueError(f"grpo.rewards: function {code[0]!r} imports and runs Python code named by the config; set "
+                             "data.allow_code: true (or TUNEFORGE_ALLOW_CODE=1) only if you trust this config")
+        if (t.micro_batch_size * t.grad_accum) % g.num_generations:
+            raise ValueError(f"train.micro_batch_size x grad_accum ({t.micro_batch_size} x {t.grad_accum}) counts completions per process "
+                             f"and step; it must be a multiple of grpo.num_generations ({g.num_generations}) so each prompt's group stays whole")
+        refused = [("data.group_texts", self.data.group_texts), ("data.clean", bool(self.data.clean.chosen())),
+                   ("train.label_smoothing", bool(t.label_smoothing)), ("train.early_stopping_patience", bool(t.early_stopping_patience)),
+                   ("train.keep_best", t.keep_best), ("train.generate_eval.samples", bool(t.generate_eval.samples)),
+                   ("train.deepspeed", bool(t.deepspeed)), ("train.fsdp", t.fsdp)]
+        for name, on in refused:
+            if on:
+                raise ValueError(f"{name} does not apply to train.method: grpo (it trains on prompts and rewards; its held-out "
+                                 "metric is eval_reward) - remove it")
+        if g.max_completion_length >= self.data.max_length:
+            raise ValueError(f"grpo.max_completion_length ({g.max_completion_length}) leaves no room for the prompt in data.max_length "
+                             f"({self.data.max_length}): raise data.max_length or lower max_completion_length")
         return self
 
     @model_validator(mode="after")
