@@ -112,7 +112,7 @@ def prepare(config: Path, overrides: Optional[List[str]] = SetOpt,
     from tuneforge.data.prepare import prepare as run_prepare
     from tuneforge.model.load import load_tokenizer, resolve_model_dir
 
-    from tuneforge.rundir import write_json
+    from tuneforge.rundir import RunDir, write_json
 
     from tuneforge.outputs import check_prepare_dir, mark_output_dir
 
@@ -123,9 +123,9 @@ def prepare(config: Path, overrides: Optional[List[str]] = SetOpt,
     tok = load_tokenizer(resolve_model_dir(cfg.model, console.print, need_weights=False), cfg.model)
     data = run_prepare(cfg.data, tok, log=console.print)
     mark_output_dir(cfg.run_dir, "run")
-    write_json(cfg.run_dir / "data_report.json", data.report)
+    write_json(RunDir(cfg.run_dir).data_report, data.report)
     _print_report(data)
-    Console().print(f"report: {cfg.run_dir / 'data_report.json'}  cache: {cfg.data.cache_dir}/{data.fingerprint}"
+    Console().print(f"report: {RunDir(cfg.run_dir).data_report}  cache: {cfg.data.cache_dir}/{data.fingerprint}"
                     + (f"  data: {data.export_dir}" if data.export_dir else ""))
     if push_to:
         pushed = export.push(data.export_dir, push_to, private, log=console.print)

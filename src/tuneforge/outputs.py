@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from tuneforge.errors import UserError
+from tuneforge.rundir import CHECKPOINTS, FINAL, RUN_INFO
 
 MARKER = ".tuneforge.json"
 # Files that identify artifacts written before markers existed (kept so old run dirs still count as ours).
-LEGACY_MARKERS = {"run": "run_info.json", "merged": "merge_report.json"}
+LEGACY_MARKERS = {"run": RUN_INFO, "merged": "merge_report.json"}
 # A run folder without these never trained (only `prepare`, or a run that failed in its checks, wrote
 # there): it is a run to be, not a run to protect, and needs no overwrite.
-RUN_PRODUCTS = ("run_info.json", "checkpoints", "final")
+RUN_PRODUCTS = (RUN_INFO, CHECKPOINTS, FINAL)
 
 
 def artifact_kind(path: Path) -> str | None:

@@ -20,7 +20,14 @@ import yaml
 
 from tuneforge.errors import UserError
 
+# The file names of a run directory: only this module knows them (everything else asks RunDir).
 RUN_INFO = "run_info.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+DATA_REPORT = "data_report.json"
+REPORT = "report.html"
+FINAL = "final"
+CHECKPOINTS = "checkpoints"
 TRAINER_META = "trainer.json"  # inside a checkpoint folder, written last: its presence means the checkpoint is complete
 STATUSES = ("running", "finished", "failed", "interrupted")
 
@@ -62,7 +69,7 @@ def saved_data_config(run_dir: Path):
     """The data section of a run's saved config.yaml (to rebuild the same split), or None when there is none."""
     from tuneforge.config.schema import DataConfig
 
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG
     if not path.is_file():
         return None
     return DataConfig(**(yaml.safe_load(path.read_text()) or {})["data"])
@@ -70,7 +77,7 @@ def saved_data_config(run_dir: Path):
 
 def write_config(run_dir: Path, cfg) -> None:
     # Secrets never live in the config (they come from env/.env), so the dump is safe to keep.
-    (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (Path(run_dir) / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def one_line(exc: BaseException) -> str:
@@ -110,15 +117,15 @@ class RunDir:
 
     @property
     def config(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / CONFIG
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS
 
     @property
     def data_report(self) -> Path:
-        return self.root / "data_report.json"
+        return self.root / DATA_REPORT
 
     @property
     def parity_samples(self) -> Path:
@@ -131,11 +138,25 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS
 
     @property
     def final(self) -> Path:
-        return self.root / "final"
+        return self.root / FINAL
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    @property
+    def best(self) -> Path:
+        """The copy of the best checkpoint (train.keep_best)."""
+        return self.root / "best"
+
+    @property
+    def tracking_ids(self) -> Path:
+        """W&B / MLflow run ids, so a resumed run continues the same tracked run."""
+        return self.root / "tracking.json"
 
     @property
     def tensorboard(self) -> Path:

@@ -85,10 +85,11 @@ def doctor():
 @app.command()
 def report(run_dir: Path):
     """Rebuild RUN_DIR/report.html (one self-contained page: curves, throughput, config, data, examples)."""
+    from tuneforge.rundir import RUN_INFO, RunDir
     from tuneforge.train.observe.report import write_report
 
-    if not (run_dir / "run_info.json").is_file():
-        raise UserError(f"{run_dir}: not a tuneforge run directory (no run_info.json)")
+    if not RunDir(run_dir).exists():
+        raise UserError(f"{run_dir}: not a tuneforge run directory (no {RUN_INFO})")
     Console().print(f"report: {write_report(run_dir)}")
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 
 def run_facts(run_dir: Path) -> dict:
-    path = Path(run_dir) / "run_info.json"
+    from tuneforge.rundir import RunDir
+
+    path = RunDir(run_dir).info_path
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tuneforge.errors import UserError
 from tuneforge.outputs import check_output_dir, mark_output_dir
-from tuneforge.rundir import write_json
+from tuneforge.rundir import RunDir, write_json
 
 METHODS = ("gptq",)
 BITS = (4, 8)
@@ -134,7 +134,7 @@ def check_inputs(run_dir: Path, calibration: str | None) -> None:
     describe(run_dir)  # one line when the path is not a run, adapter or model directory
     if calibration and not Path(calibration).is_file():
         raise UserError(f"--calibration {calibration}: file not found (a jsonl/json/csv/parquet of chat or prompt/completion rows)")
-    if not calibration and not (run_dir / "config.yaml").is_file():
+    if not calibration and not RunDir(run_dir).config.is_file():
         raise UserError(f"{run_dir}: not a run directory with its config.yaml, so there is no training data to "
                         "calibrate on (pass --calibration FILE: a jsonl of chat or prompt/completion rows)")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from tuneforge.errors import ParityError, UserError
 from tuneforge.export.parity import sample_ids
 from tuneforge.outputs import check_output_dir, clear_output_dir, mark_output_dir
-from tuneforge.rundir import update_run_info, write_json
+from tuneforge.rundir import RunDir, update_run_info, write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
 ABS_TOLERANCE = 1e-3  # float32: max |logit diff|
@@ -96,7 +96,7 @@ def _merge(path: str, facts: Path, out_dir: Path, tolerance: float | None, dtype
     write_card(tmp, facts, "merged", {k: report[k] for k in ("max_abs_logit_diff", "max_rel_logit_diff", "top1_agreement", "dtype")}, notes)
     clear_output_dir(out_dir, "merged")
     tmp.rename(out_dir)
-    if (facts / "run_info.json").is_file() and not label:  # a checkpoint's merge is not the run's merge
+    if RunDir(facts).exists() and not label:  # a checkpoint's merge is not the run's merge
         update_run_info(facts, merged_dir=str(out_dir), merge=report)
     if not report["passed"]:
         raise ParityError(f"merged model differs from the adapter model: {why(report)} (see {out_dir}/merge_report.json)")
@@ -105,11 +105,10 @@ def _merge(path: str, facts: Path, out_dir: Path, tolerance: float | None, dtype
 
 def checkpoint_run(path: Path) -> Path | None:
     """RUN when `path` is a complete checkpoint folder `train` wrote (RUN/checkpoints/step-N), else None."""
-    from tuneforge.rundir import TRAINER_META
-
     path = path.resolve()
-    if path.parent.name == "checkpoints" and (path / TRAINER_META).is_file() and (path.parent.parent / "config.yaml").is_file():
-        return path.parent.parent
+    run = RunDir(path.parent.parent)
+    if path in run.complete_checkpoints() and run.config.is_file():
+        return run.root
     return None
 
 
@@ -123,7 +122,7 @@ def adapter_from_checkpoint(ckpt: Path, run_dir: Path, folder: Path, log) -> Non
     from tuneforge.model.adapters import add_lora, embedding_modules, resize_embeddings
     from tuneforge.model.load import load_model, load_tokenizer, resolve_model_dir
 
-    cfg = Config(**yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = Config(**yaml.safe_load(RunDir(run_dir).config.read_text()))
     if cfg.train.finetune != "lora":
         raise UserError(f"{ckpt}: a train.finetune: {cfg.train.finetune} checkpoint has no adapter to merge (its weights "
                         "are the model's own; resume the run to finish it)")

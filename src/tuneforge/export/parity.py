@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tuneforge.errors import ParityError
 from tuneforge.outputs import clear_output_dir
-from tuneforge.rundir import update_run_info
+from tuneforge.rundir import RunDir, update_run_info
 
 PARITY_SAMPLES = "parity_samples.json"
 GREEDY_TOKENS = 24  # new tokens per held-out answer in every parity check
@@ -95,7 +95,7 @@ def publish(tmp: Path, out_dir: Path, run_dir: Path, *, kind: str, info_key: str
     pass. The artifact stays either way: its report says what differs."""
     clear_output_dir(out_dir, kind)
     tmp.rename(out_dir)
-    if (run_dir / "run_info.json").is_file():
+    if RunDir(run_dir).exists():
         update_run_info(run_dir, **{info_key: {"dir": str(out_dir), **report}})
     if failure:
         raise ParityError(f"{what} differs from the trained model: {failure} (see {out_dir}/{report_file})")

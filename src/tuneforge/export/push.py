@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tuneforge.errors import UserError
 from tuneforge.outputs import MARKER
+from tuneforge.rundir import RunDir
 
 WHAT = ("adapter", "merged", "gptq", "gguf")
 SKIP = {MARKER, "training_args.bin"}
@@ -19,12 +20,12 @@ SKIP = {MARKER, "training_args.bin"}
 
 def artifact_dir(run_dir: Path, what: str) -> Path:
     if what == "adapter":
-        folder = run_dir / "final" if (run_dir / "run_info.json").is_file() else run_dir
+        folder = RunDir(run_dir).final if RunDir(run_dir).exists() else run_dir
         if not (folder / "adapter_config.json").is_file():
             raise UserError(f"{run_dir}: no LoRA adapter to push (a full fine-tune has whole weights: push them with --what merged)")
         return folder
     if what == "merged":
-        folder, final = run_dir / "merged", run_dir / "final"
+        folder, final = run_dir / "merged", RunDir(run_dir).final
         if not (folder / "config.json").is_file() and (final / "config.json").is_file() and not (final / "adapter_config.json").is_file():
             return final  # a full fine-tune's final weights are whole already
         if not (folder / "config.json").is_file():

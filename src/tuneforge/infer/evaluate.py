@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tuneforge.errors import UserError
 from tuneforge.export.parity import target_loss
+from tuneforge.rundir import RunDir
 
 
 def lm_eval_tasks(tasks: list[str], include: str | None):
@@ -59,10 +60,10 @@ def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None,
 
     run = Path(run_dir)
     read_run_info(run)  # a clear error when RUN_DIR is not a run
-    if not (run / "config.yaml").is_file():
+    if not RunDir(run).config.is_file():
         raise UserError(f"{run}: no config.yaml; `eval` needs the run directory written by `tuneforge train`")
     # Only the sections eval needs are validated: data (to rebuild the same split) and the generate-eval metric.
-    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw = yaml.safe_load(RunDir(run).config.read_text())
     data_cfg = saved_data_config(run)
     metric = GenerateEval(**(raw.get("train") or {}).get("generate_eval", {})).metric
 

@@ -7,16 +7,17 @@ from pathlib import Path
 
 from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import UserError
+from tuneforge.rundir import RunDir
 
 
 def describe(path: str | Path) -> dict:
     """-> {"kind": "lora"|"full"|"model", "weights": dir with weights, "base": base source or None}."""
     p = Path(path)
-    if (p / "run_info.json").is_file():
-        info = json.loads((p / "run_info.json").read_text())
+    if RunDir(p).exists():
+        info = json.loads(RunDir(p).info_path.read_text())
         if info.get("status") != "finished":
             raise UserError(f"{p}: the run has not finished (status {info.get('status')}); finish it with `tuneforge train CONFIG --resume`")
-        return {"kind": info["finetune"], "weights": p / "final", "base": _base_source(info)}
+        return {"kind": info["finetune"], "weights": RunDir(p).final, "base": _base_source(info)}
     if (p / "adapter_config.json").is_file():
         base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
         return {"kind": "lora", "weights": p, "base": base}

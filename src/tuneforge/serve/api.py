@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tuneforge.rundir import RunDir
 from tuneforge.serve.auth import user_for
 from tuneforge.serve.limits import PAGE_MAX, Limits, Redactor, check_artifact_path, check_depth, check_job
 from tuneforge.serve.paths import inside
@@ -310,7 +311,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
 
 
 def _last_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     try:
         with path.open("rb") as fh:
             fh.seek(max(0, path.stat().st_size - 8192))
@@ -327,7 +328,7 @@ def _last_metrics(run_dir: Path) -> dict[str, Any]:
 
 
 def _artifacts(run_dir: Path, everything: bool = False) -> list[dict[str, Any]]:
-    roots = [run_dir] if everything else [run_dir / "final"]
+    roots = [run_dir] if everything else [RunDir(run_dir).final]
     out = []
     for root in roots:
         if not root.is_dir():

@@ -19,6 +19,8 @@ from typing import Any, Callable
 from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse
 
+from tuneforge.rundir import RunDir
+
 MAX_POINTS = 2000  # a curve keeps at most this many points (evenly thinned), so a long run stays light
 
 
@@ -32,7 +34,7 @@ def add_dashboard(app: FastAPI, current_user: Callable, own_job: Callable) -> No
     @app.get("/v1/jobs/{job_id}/metrics")
     def metrics(job_id: str, user: str = Depends(current_user)) -> dict[str, Any]:
         job = own_job(job_id, user)
-        return {"rows": metric_rows(Path(job.run_dir) / "metrics.jsonl")}
+        return {"rows": metric_rows(RunDir(job.run_dir).metrics)}
 
 
 def metric_rows(path: Path) -> list[dict[str, Any]]:

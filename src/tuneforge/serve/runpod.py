@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from tuneforge.rundir import RunDir
 from tuneforge.serve.limits import Limits, check_depth, check_job
 from tuneforge.serve.paths import GuestPolicy, confine
 from tuneforge.serve.schema import NAME, RequestError, parse_request, validate_config
@@ -91,7 +92,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     if proc.returncode != 0 or info.get("status") != "finished":
         reason = info.get("error") or last_error_line(log) or f"tuneforge train exited with code {proc.returncode}"
         return {"error": reason, "run_id": run_id, "run_dir": str(run_dir), "log": str(log)}
-    final = Path(info.get("final_dir") or run_dir / "final")
+    final = Path(info.get("final_dir") or RunDir(run_dir).final)
     return {"status": "finished", "run_id": run_id, "model_id": spec.model_id, "run_dir": str(run_dir),
             "final_dir": str(final), "summary": info.get("summary"), "not_mapped": not_mapped,
             "artifacts": sorted(str(p.relative_to(run_dir)) for p in final.rglob("*") if p.is_file())}

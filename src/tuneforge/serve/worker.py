@@ -27,6 +27,7 @@ from typing import Callable
 
 import yaml
 
+from tuneforge.rundir import RunDir
 from tuneforge.serve.paths import GuestPolicy, model_cache, wandb_url
 from tuneforge.serve.store import (
     CANCELLED, FAILED, FINISHED, NEEDS_CREDENTIALS, QUEUED, RUNNING, Job, Store, config_of,
@@ -90,13 +91,13 @@ def log_path(store: Store, job_id: str) -> Path:
 
 def read_run_info(run_dir: str | Path) -> dict:
     try:
-        return json.loads((Path(run_dir) / "run_info.json").read_text())
+        return json.loads(RunDir(run_dir).info_path.read_text())
     except (OSError, ValueError):
         return {}
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
-    ckpts = Path(run_dir) / "checkpoints"
+    ckpts = RunDir(run_dir).checkpoints
     return ckpts.is_dir() and any(p.is_dir() and not p.name.endswith(".tmp") for p in ckpts.iterdir())
 
 

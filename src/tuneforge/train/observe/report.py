@@ -13,9 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from tuneforge.rundir import RUN_INFO, RunDir
 from tuneforge.train.observe.tracking import fsync_write, read_metrics
-
-REPORT = "report.html"
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ddd}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(500px,1fr));gap:1em}
@@ -80,7 +79,8 @@ def _series(rows: list[dict], key: str) -> list[tuple[float, float]]:
 
 def build_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
-    info = _read_json(run_dir / "run_info.json") or {}
+    rd = RunDir(run_dir)
+    info = _read_json(rd.info_path) or {}
     rows = read_metrics(run_dir)
     status = str(info.get("status", "unknown"))
     e = html.escape
@@ -99,14 +99,14 @@ def build_report(run_dir: Path) -> str:
         parts.append(f"<figure id='chart-{e(title.split()[0])}'><figcaption>{e(title)}</figcaption>{svg_chart(series)}</figure>")
     parts.append("</div>")
     parts.append("<h2>Throughput</h2>" + _table(throughput(rows)))
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = rd.config
     if cfg_path.is_file():
         parts.append(f"<h2>Resolved config</h2><pre>{e(cfg_path.read_text())}</pre>")
-    data = _read_json(run_dir / "data_report.json")
+    data = _read_json(rd.data_report)
     if data:
         parts.append(f"<h2>Data report</h2><pre>{e(json.dumps(data, indent=2, default=str))}</pre>")
     for tag in ("before", "after"):
-        gen = _read_json(run_dir / f"generate_eval_{tag}.json")
+        gen = _read_json(rd.generate_eval(tag))
         if gen:
             scores = {k: v for k, v in gen.items() if k.startswith("gen_")}
             parts.append(f"<h2>Generate-eval {tag} training (step {gen.get('step')})</h2>" + _table(scores))
@@ -164,7 +164,7 @@ def _table(d: dict) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    out = Path(run_dir) / REPORT
+    out = RunDir(run_dir).report
     fsync_write(out, build_report(Path(run_dir)))
     return out
 
@@ -174,8 +174,8 @@ def list_runs(folder: Path) -> list[dict]:
     from tuneforge.train.safety.lock import read_owner
 
     found = []
-    for info_path in sorted({*Path(folder).glob("run_info.json"), *Path(folder).glob("*/run_info.json"),
-                             *Path(folder).glob("*/*/run_info.json")}):
+    for info_path in sorted({*Path(folder).glob(RUN_INFO), *Path(folder).glob(f"*/{RUN_INFO}"),
+                             *Path(folder).glob(f"*/*/{RUN_INFO}")}):
         run_dir = info_path.parent
         info = _read_json(info_path) or {}
         status = str(info.get("status", "?"))

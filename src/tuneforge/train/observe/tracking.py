@@ -17,8 +17,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-METRICS = "metrics.jsonl"
-TRACKING_IDS = "tracking.json"
+from tuneforge.rundir import METRICS, RunDir
 
 
 def strict(values: dict) -> dict:
@@ -81,7 +80,7 @@ class Tracker:
         if self.use_tb:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
+            self.tb = SummaryWriter(str(RunDir(self.run_dir).tensorboard), purge_step=self.purge_step)
         if self.tracking is not None and getattr(self.tracking, "wandb", None):
             self.wandb = _start_wandb(self.tracking.wandb, self.run_dir, self.config or {})
         if self.tracking is not None and getattr(self.tracking, "mlflow", None):
@@ -117,13 +116,13 @@ class Tracker:
 
 
 def _tracking_ids(run_dir: Path) -> dict:
-    path = run_dir / TRACKING_IDS
+    path = RunDir(run_dir).tracking_ids
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _save_tracking_id(run_dir: Path, key: str, value: str) -> None:
     ids = {**_tracking_ids(run_dir), key: value}
-    fsync_write(run_dir / TRACKING_IDS, json.dumps(ids))
+    fsync_write(RunDir(run_dir).tracking_ids, json.dumps(ids))
 
 
 def _start_wandb(cfg, run_dir: Path, config: dict):
@@ -227,7 +226,7 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.set_ylabel("cross-entropy per target token")
     ax.legend()
     ax.grid(alpha=0.3)
-    out = Path(run_dir) / "loss.png"
+    out = RunDir(run_dir).loss_png
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out

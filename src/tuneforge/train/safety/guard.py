@@ -150,7 +150,8 @@ class RunGuard:
         if not self.main:
             return
         if best and self.cfg.train.keep_best:
-            dest, tmp = self.run.root / "best", self.run.root / ".best.tmp"
+            dest = self.run.best
+            tmp = dest.with_name(f".{dest.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(path, tmp)
             shutil.rmtree(dest, ignore_errors=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import UserError
+from tuneforge.rundir import RunDir
 
 # Keys (dotted prefixes) that may change on resume: they change what is recorded, not what is trained.
 HARMLESS = (
@@ -46,7 +47,7 @@ def _harmless(key: str) -> bool:
 
 def check_resume_config(run_dir: Path, current: dict, resumed_step: int | None = None) -> list[str]:
     """Raise UserError listing every key that may not change; return the harmless keys that changed."""
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         return []
     saved = yaml.safe_load(path.read_text()) or {}
