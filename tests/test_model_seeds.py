@@ -1,6 +1,8 @@
 """Model-layer items the seed workflows found (issue 21): MoE experts in 4 bits, a separate tokenizer,
 freeze plans, device_map refusals, missing paths and pickled weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -200,3 +202,35 @@ def test_pickled_weights_that_hold_code_are_refused_in_one_line(tmp_path, llama_
     with pytest.raises(UserError, match=r"pytorch_model.bin\): pickled weights that hold more than tensors") as err:
         load_model(str(folder))
     assert "\n" not in str(err.value) and "this ran" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_run_with_a_separate_tokenizer_keeps_it_for_generate(tmp_path, llama_dir):
+    """model.tokenizer: the weights' folder has no tokenizer at all; the run trains with the named one, records it,
+    and its final folder holds that tokenizer, which `generate` then uses."""
+    import shutil
+
+    from helpers import run_cli, run_cli_inprocess, write_config
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(llama_dir / name, weights / name)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for f in llama_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, tok_dir / f.name)
+    data = tiny.write_jsonl(tmp_path / "d.jsonl", tiny.reverse_rows(16))
+    cfg = write_config(tmp_path / "c.yaml", weights, data, tmp_path / "run", train={"max_steps": 2})
+    cfg.write_text(cfg.read_text().replace("model:\n", f"model:\n  tokenizer: {tok_dir}\n", 1))
+    missing = run_cli_inprocess("config", "validate", cfg, "--set", "model.tokenizer=./no-such-tokenizer")
+    assert missing.returncode == 2 and "model.tokenizer: ./no-such-tokenizer does not exist" in missing.stderr
+    proc = run_cli("train", cfg, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["base_model"]["tokenizer"] == str(tok_dir)
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "tokenizer.json").read_text())["model"] == json.loads((tok_dir / "tokenizer.json").read_text())["model"]
+    answer = run_cli_inprocess("generate", tmp_path / "run", "--prompt", "reverse the letters: a b", "--max-new-tokens", "3")
+    assert answer.returncode == 0, answer.stderr[-2000:]
