@@ -32,10 +32,11 @@ def make_workspace(data_dir: Path, user: str, llama_dir: Path, rows: int = 48) -
 
 def seed_request(run_id: str = "test-run", user: str = "user", **args) -> dict:
     """The seed's example request verbatim, with only what cannot run here swapped: the model and dataset
-    paths (local files), flash attention (no GPU), and a step budget that fits CI."""
+    paths (local files), flash attention (no GPU), a step budget that fits CI, and no hub push (no network here)."""
     req = copy.deepcopy(SEED_REQUEST)
     req["input"]["run_id"], req["input"]["user_id"] = run_id, user
     a = req["input"]["args"]
+    a.pop("hub_model_id")  # maps to export.hub_repo: a push after training, which needs the hub
     a.update(base_model="tiny", flash_attention=False, sequence_len=128, max_steps=2, warmup_steps=0)
     a["datasets"][0]["path"] = "alpaca.jsonl"
     a.update(args)

@@ -37,7 +37,7 @@ def _job_config(steps: int, run: str) -> str:
         "model": {"path": "tiny"},
         "data": {"train": [{"path": "alpaca.jsonl"}], "eval_split": 0.1, "max_length": 64},
         "train": {"finetune": "full", "max_steps": steps, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1,
-                  "eval_every": 2 if steps < 100 else None, "save_every": 5},
+                  "eval_every": 2 if steps < 100 else None, "save_every": 5 if steps < 100 else 100},  # serve --max-checkpoints
         "tracking": {"tensorboard": False, "plot": False},
     }})
 
@@ -78,6 +78,8 @@ def test_submit_watch_curve_finish_and_cancel_in_chromium(server, tmp_path):
     with playwright.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
+        blocked = []  # the page's Content-Security-Policy must allow everything the page itself does
+        page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
         page.goto(url + "/")
         assert "tuneforge" in page.title()
         page.fill("#token", token)
@@ -103,4 +105,5 @@ def test_submit_watch_curve_finish_and_cancel_in_chromium(server, tmp_path):
         page.wait_for_selector("tr.job[data-status='cancelled']", timeout=240_000)
         page.screenshot(path=str(shots / "dashboard-cancelled.png"), full_page=True)
         browser.close()
+    assert not blocked, blocked
     assert (shots / "dashboard.png").stat().st_size > 10_000
