@@ -185,6 +185,7 @@ def load_model(source: str, cfg: ModelConfig | None = None, dtype: str = "auto")
                                device=f"cuda:{torch_cuda()}" if staged else None)
         if staged:
             model.to(f"cuda:{torch_cuda()}")
+            model.hf_device_map = {"": torch_cuda()}  # accelerate refuses a 4-bit model mapped to another device
     return model
 
 
