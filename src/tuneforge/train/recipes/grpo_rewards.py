@@ -61,8 +61,7 @@ def valid_json(completions, **_) -> list[float]:
 def json_schema(schema: dict | None, column: str | None) -> RewardFn:
     """1.0 where the completion parses as JSON and validates against the schema (inline in the config, or per
     row from `column`); else 0.0."""
-    import jsonschema
-
+    jsonschema = _need("jsonschema", "json_schema")
     fixed = jsonschema.validators.validator_for(schema)(schema) if schema is not None else None
 
     def reward(completions, **columns):
@@ -81,7 +80,8 @@ def json_schema(schema: dict | None, column: str | None) -> RewardFn:
 def math_answer(column: str) -> RewardFn:
     """1.0 where the completion's final answer equals the row's `column` value mathematically (math-verify:
     LaTeX, \\boxed{}, fractions, 0.5 == 1/2); else 0.0. A reference math-verify cannot parse: None (skipped)."""
-    from math_verify import parse, verify
+    math_verify = _need("math_verify", "math")
+    parse, verify = math_verify.parse, math_verify.verify
 
     def reward(completions, **columns):
         out = []
@@ -100,6 +100,16 @@ def length_penalty(max_tokens: int, soft_tokens: int) -> RewardFn:
     def reward(completion_ids, **_):
         return [0.0 if len(ids) <= start else max(-1.0, (start - len(ids)) / soft_tokens) for ids in completion_ids]
     return reward
+
+
+def _need(module: str, reward: str):
+    """An optional package a built-in reward uses (the rl extra), or a one-line error naming the install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"grpo.rewards: a {reward} reward needs {module.replace('_', '-')}: pip install 'tuneforge[rl]'") from None
 
 
 def _column(columns: dict, name: str) -> list:
