@@ -234,3 +234,15 @@ def test_run_with_a_separate_tokenizer_keeps_it_for_generate(tmp_path, llama_dir
     assert json.loads((final / "tokenizer.json").read_text())["model"] == json.loads((tok_dir / "tokenizer.json").read_text())["model"]
     answer = run_cli_inprocess("generate", tmp_path / "run", "--prompt", "reverse the letters: a b", "--max-new-tokens", "3")
     assert answer.returncode == 0, answer.stderr[-2000:]
+
+
+def test_train_refuses_device_map_auto_before_anything_runs(tmp_path, llama_dir):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2+ GPUs: device_map auto splits the model there")
+    from helpers import assert_user_error, run_cli_inprocess, write_config
+
+    data = tiny.write_jsonl(tmp_path / "d.jsonl", tiny.reverse_rows(8))
+    cfg = write_config(tmp_path / "c.yaml", llama_dir, data, tmp_path / "run")
+    proc = run_cli_inprocess("train", cfg, "--set", "model.device_map=auto")  # seed 002's split_model
+    assert_user_error(proc, "model.device_map", "remove model.device_map")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # no data prepared, no run started

@@ -60,6 +60,10 @@ def train(config: Path, overrides: Optional[List[str]] = SetOpt,
     from tuneforge.export.after import after_train, check as check_export
 
     check_export(cfg)  # a merge/quantize/push the config asks for must be possible before an hour of training
+    if cfg.model.device_map and nproc <= 1:
+        from tuneforge.model.load import check_device_map
+
+        check_device_map()  # fewer than 2 GPUs: refused before the data is prepared, not ignored
     from tuneforge.train.core import launch
 
     launch.check_launchable(nproc)
