@@ -40,6 +40,10 @@ def seed_request(run_id: str = "test-run", user: str = "user", **args) -> dict:
     a.update(base_model="tiny", flash_attention=False, sequence_len=128, max_steps=2, warmup_steps=0)
     a["datasets"][0]["path"] = "alpaca.jsonl"
     a.update(args)
+    if "save_steps" in args:  # the caller's checkpoint rule replaces the seed's saves_per_epoch (one of them)
+        a.pop("saves_per_epoch", None)
+    if args.get("val_set_size") == 0:  # no eval data, so no evals per epoch
+        a.pop("evals_per_epoch", None)
     return req
 
 

@@ -108,16 +108,18 @@ def test_job_list_comes_in_pages_with_a_cursor(srv):
     assert len(client.get("/v1/jobs", params={"limit": 200}, headers=h(tokens, "erin")).json()["jobs"]) == QUOTA
 
 
-@pytest.mark.parametrize("body,words", [
-    (native("c1", train={"max_steps": 10**9, "save_every": 1}), ["max_steps", "save_every", str(MAX_CKPT)]),
-    (seed_request("c2", user="carol", max_steps=10**9, save_steps=1), ["max_steps", "save_every", str(MAX_CKPT)]),
-    (native("c3", train={"max_steps": None, "epochs": 1, "save_every": 1, "micro_batch_size": 4}), ["2000 rows", "500"]),
-    (native("c4", data={"train": [{"path": "someorg/somedata"}]}, train={"max_steps": None, "save_every": 5}), ["max_steps"]),
+@pytest.mark.parametrize("body,loc,words", [
+    (native("c1", train={"max_steps": 10**9, "save_every": 1}), "save_every", ["max_steps", "save_every", str(MAX_CKPT)]),
+    (seed_request("c2", user="carol", max_steps=10**9, save_steps=1), "save_every", ["max_steps", str(MAX_CKPT)]),
+    (native("c3", train={"max_steps": None, "save_every": 1, "micro_batch_size": 4}), "save_every", ["2000 rows", "500"]),
+    (native("c4", data={"train": [{"path": "someorg/somedata"}]}, train={"max_steps": None, "save_every": 5}), "save_every",
+     ["set train.max_steps"]),
+    (native("c5", train={"max_steps": None, "epochs": 3, "saves_per_epoch": 20}), "saves_per_epoch", ["3 epochs", "60"]),
 ])
-def test_checkpoints_a_job_may_write_are_bounded(srv, body, words):
+def test_checkpoints_a_job_may_write_are_bounded(srv, body, loc, words):
     client, tokens, data = srv
     before = stored(data, "carol")
-    refused(client.post("/v1/jobs", json=body, headers=h(tokens, "carol")), 422, "config.train.save_every", *words)
+    refused(client.post("/v1/jobs", json=body, headers=h(tokens, "carol")), 422, f"config.train.{loc}", *words)
     assert stored(data, "carol") == before
 
 
@@ -135,11 +137,12 @@ def test_num_proc_is_capped_at_the_servers_cores(srv, body):
 def test_values_at_the_limits_are_accepted(srv):
     client, tokens, data = srv
     ok = [native("at-ckpt", train={"max_steps": 100, "save_every": 2}), native("at-proc", data={"num_proc": MAX_PROC}),
-          native("epochs", train={"max_steps": None, "epochs": 1, "save_every": 10, "micro_batch_size": 4})]
+          native("epochs", train={"max_steps": None, "epochs": 1, "save_every": 10, "micro_batch_size": 4}),
+          seed_request("seed", user="carol")]  # the seed's saves_per_epoch: 1 (and its max_steps here)
     for body in ok:
         r = client.post("/v1/jobs", json=body, headers=h(tokens, "carol"))
         assert r.status_code == 201, r.text
-    assert stored(data, "carol") == ["at-ckpt", "at-proc", "epochs"]
+    assert stored(data, "carol") == ["at-ckpt", "at-proc", "epochs", "seed"]
 
 
 # ---- tokens ------------------------------------------------------------------------------------------

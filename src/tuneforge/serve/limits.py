@@ -65,27 +65,37 @@ def check_job(cfg: dict[str, Any], limits: Limits, data_dir: Path) -> None:
 
 
 def _check_checkpoints(train: dict, data: dict, limit: int) -> None:
-    every = train.get("save_every")
-    if not every:
-        return
-    steps = train.get("max_steps")
-    if steps:
-        count = steps // every
-        if count > limit:
-            raise refuse(422, "config.train.save_every", f"train.max_steps {steps} / train.save_every {every} = {count} "
-                         f"checkpoints: this server allows at most {limit} per job (raise save_every to "
-                         f"{math.ceil(steps / limit)} or more)")
-        return
-    rows = _row_bound(data)
-    if rows is None:
-        raise refuse(422, "config.train.save_every", "train.save_every with train.epochs and a dataset the server cannot "
-                     f"count: set train.max_steps too, so the job writes at most {limit} checkpoints")
-    per_step = (1 if train.get("micro_batch_tokens") else train.get("micro_batch_size") or 4) * (train.get("grad_accum") or 1)
-    steps = math.ceil((train.get("epochs") or 1.0) * rows / per_step)
-    if steps // every > limit:
-        raise refuse(422, "config.train.save_every", f"up to {steps} steps ({rows} rows x train.epochs) / train.save_every "
-                     f"{every} = {steps // every} checkpoints: this server allows at most {limit} per job (raise "
-                     f"save_every to {math.ceil(steps / limit)} or more, or set train.max_steps)")
+    """Checkpoints a job writes over its run: save_every over its steps, or saves_per_epoch over its epochs."""
+    every, per_epoch, steps = train.get("save_every"), train.get("saves_per_epoch"), train.get("max_steps")
+    if every:
+        if steps:
+            how = f"train.max_steps {steps} / train.save_every {every}"
+        else:
+            rows = _row_bound(data)
+            if rows is None:
+                raise refuse(422, "config.train.save_every", "train.save_every with train.epochs and a dataset the server "
+                             f"cannot count: set train.max_steps too, so the job writes at most {limit} checkpoints")
+            steps = math.ceil((train.get("epochs") or 1.0) * rows / _rows_per_step(train))
+            how = f"up to {steps} steps ({rows} rows x train.epochs) / train.save_every {every}"
+        fix = f"raise save_every to {math.ceil(steps / limit)} or more"
+        _over(steps // every, limit, "config.train.save_every", how, fix)
+    elif per_epoch:
+        epochs = math.ceil(train.get("epochs") or 1.0)
+        rows = _row_bound(data) if steps else None
+        if steps and rows:  # max_steps decides how many epochs run
+            epochs = math.ceil(steps / max(1, math.ceil(rows / _rows_per_step(train))))
+        count = min(steps, per_epoch * epochs) if steps else per_epoch * epochs
+        how = f"train.saves_per_epoch {per_epoch} x {epochs} epochs" + (f", at most one a step of {steps}" if steps else "")
+        _over(count, limit, "config.train.saves_per_epoch", how, "lower saves_per_epoch, or use train.save_every")
+
+
+def _over(count: int, limit: int, loc: str, how: str, fix: str) -> None:
+    if count > limit:
+        raise refuse(422, loc, f"{how} = {count} checkpoints: this server allows at most {limit} per job ({fix})")
+
+
+def _rows_per_step(train: dict) -> int:
+    return (1 if train.get("micro_batch_tokens") else train.get("micro_batch_size") or 4) * (train.get("grad_accum") or 1)
 
 
 def _row_bound(data: dict) -> int | None:
