@@ -357,3 +357,25 @@ def test_wandb_watch_is_refused_with_its_reason_and_off_is_ignored():
     assert on.status == NOT_MAPPED and "histograms" in on.note
     off = rows_by_key(translate({**REQUEST["input"]["args"], "wandb_watch": False}, "axolotl"))["wandb_watch"]
     assert off.status == "ignored"
+
+
+# --- the serverless worker's own request (seed 001) -------------------------------------------------------------------
+
+
+def test_serverless_request_keys_map_to_the_run_they_ask_for():
+    result = import_file(DATA / "seeds_001_request.json", "axolotl")
+    assert result.left_out() == [], [(r.key, r.note) for r in result.left_out()]  # the seed's request imports whole
+    cfg = Config.model_validate(result.config)
+    assert (cfg.train.evals_per_epoch, cfg.train.saves_per_epoch, cfg.export.hub_repo) == (4, 1, "runpod/llama-fr-lora")
+    assert cfg.export.hub_push == "auto" and cfg.train.finetune == "lora"  # auto pushes the adapter, as the worker does
+    flash = rows_by_key(result)["flash_attention"]
+    if importlib.util.find_spec("flash_attn") is None:
+        assert cfg.model.attn_implementation == "auto" and "flash-attn is not installed" in flash.note
+    args = {**REQUEST["input"]["args"], "adam_epsilon": 1e-6, "eval_batch_size": 8, "group_by_length": True,
+            "sample_packing": False}
+    cfg = Config.model_validate(translate(args, "axolotl").config)
+    assert (cfg.train.adam_epsilon, cfg.train.eval_micro_batch_size, cfg.train.group_by_length) == (1e-6, 8, True)
+    # group_by_length cannot sort packed bins: that one key is refused, packing stays
+    packed = translate({**args, "sample_packing": True}, "axolotl")
+    assert rows_by_key(packed)["group_by_length"].status == NOT_MAPPED and rows_by_key(packed)["sample_packing"].status == MAPPED
+    assert Config.model_validate(packed.config).data.packing == "bins"
