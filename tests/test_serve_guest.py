@@ -270,6 +270,7 @@ def test_child_environment_is_an_allowlist_and_no_dotenv(guest):
     assert not {"TF_PLANTED", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "TUNEFORGE_ALLOW_CODE", "HTTP_PROXY", "HTTPS_PROXY"} & set(env)
     assert env["HOME"] == str(guest.ws["alice"].resolve()) and env["TUNEFORGE_JOB"] == "1"
     assert Path(env["HF_TOKEN_PATH"]).parent.name == job_id  # never the operator's login token
+    assert Path(env["HF_HUB_CACHE"]) == guest.data.resolve() / "cache" / "alice" / "hub"  # downloads: alice's own
     if guest.sandbox:  # what the sandboxed job can see of the server's file system
         view = Path(f"/proc/{pid}/root")
         seen = lambda p: (view / str(Path(p).resolve()).lstrip("/")).exists()  # noqa: E731

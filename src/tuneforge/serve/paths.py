@@ -44,7 +44,8 @@ class GuestPolicy:
 
 
 def model_cache() -> Path:
-    """The hub cache jobs load hub models from (HF_HUB_CACHE): readable by every job, written only by downloads."""
+    """The server's own hub cache (the operator's downloads): jobs may read models in it through a link in their
+    workspace, never write it. A job's downloads go to its user's cache (DATA/cache/USER/hub)."""
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)

@@ -28,14 +28,14 @@ from typing import Callable
 import yaml
 
 from tuneforge.rundir import RunDir
-from tuneforge.serve.paths import GuestPolicy, model_cache, wandb_url
+from tuneforge.serve.paths import GuestPolicy, wandb_url
 from tuneforge.serve.store import (
     CANCELLED, FAILED, FINISHED, NEEDS_CREDENTIALS, QUEUED, RUNNING, Job, Store, config_of,
 )
 
 MAX_ATTEMPTS = 3
 CANCEL_GRACE_S = 120.0  # a cancelled child has this long to checkpoint before SIGKILL
-QUOTA_EVERY_S = 5.0  # how often a running user's disk use is measured
+QUOTA_EVERY_S = 2.0  # how often a running user's disk use is measured (a walk of their folders: cheap)
 # The only server variables a job sees: how to run programs, the language, GPUs, hub caches and thread counts.
 # Anything else (tokens, cloud keys, TUNEFORGE_ALLOW_CODE, proxies) stays with the server.
 ENV_ALLOW = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "CUDA_HOME", "CUDA_PATH",
@@ -215,7 +215,7 @@ class Worker:
                 continue
             for job in (j for j in jobs if j.user == user):
                 self.over_quota[job.id] = (f"disk quota exceeded: {user!r} uses {_gib(used)} of {_gib(quota)} "
-                                           "(serve --disk-quota; checkpoints count): free space and resume the run")
+                                           "(serve --disk-quota; checkpoints count): the run was stopped")
                 self.log(f"job {job.id}: {self.over_quota[job.id]}")
                 self._term(job.id, self.procs[job.id][0].pid)
 
@@ -270,7 +270,7 @@ class Worker:
         rooms = self.guest.rooms(self.store.data_dir, job.user)
         for folder_ in (workspace / ".tmp", *rooms.writable):
             folder_.mkdir(parents=True, exist_ok=True)
-        env = job_env(workspace, folder, self.credentials.get(job.id, {}))
+        env = job_env(workspace, folder, self.credentials.get(job.id, {}), rooms.writable[0] / "hub")
         env.update({"TUNEFORGE_JOB_ID": job.id, "TUNEFORGE_JOB_ROOMS": rooms.to_json()})
         tracking = config_of(job).get("tracking") or {}
         if tracking.get("wandb") and not env.get("WANDB_API_KEY"):
@@ -345,13 +345,14 @@ class Worker:
 
 
 # ---- the guest's environment, sandbox and disk -----------------------------------------------------------
-def job_env(workspace: Path, job_folder: Path, credentials: dict[str, str]) -> dict[str, str]:
+def job_env(workspace: Path, job_folder: Path, credentials: dict[str, str], hub_cache: Path) -> dict[str, str]:
     """The child's whole environment: the allowlist, the job's own credentials, and the workspace as its home."""
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
     env.update(credentials)
     env.update({
         "HOME": str(workspace), "TMPDIR": str(workspace / ".tmp"),  # no files shared with other users' jobs
-        "HF_HUB_CACHE": str(model_cache()),  # the server's model cache (its token file is not used: below)
+        # Downloads go to the user's own cache: a private model fetched with one user's token is no one else's.
+        "HF_HUB_CACHE": str(hub_cache),
         "HF_TOKEN_PATH": str(job_folder / "no-hf-token"),  # never the operator's `huggingface-cli login` token
         "TUNEFORGE_JOB": "1", "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "120",
     })
