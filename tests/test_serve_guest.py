@@ -215,6 +215,7 @@ ATTACKS = [
     ("net-mlflow-userinfo", native({"tracking.mlflow": {"uri": f"http://tracker.invalid@127.0.0.1:{P}/mlflow"}}), 422, "tracking.mlflow.uri"),
     ("net-mlflow-suffix", native({"tracking.mlflow": {"uri": "http://tracker.invalid.127.0.0.1.nip.io/mlflow"}}), 422, "tracking.mlflow.uri"),
     ("net-mlflow-prefix", native({"tracking.mlflow": {"uri": "http://tracker.invalid/mlflow-other"}}), 422, "tracking.mlflow.uri"),
+    ("net-mlflow-dots", native({"tracking.mlflow": {"uri": "http://tracker.invalid/mlflow/%2e%2e/admin"}}), 422, "tracking.mlflow.uri"),
     ("net-mlflow-postgres", native({"tracking.mlflow": {"uri": f"postgresql://127.0.0.1:{P}/x"}}), 422, "tracking.mlflow.uri"),
     ("net-wandb-key", native({"tracking.wandb": {"project": "p"}}, credentials={"wandb_api_key": "k" * 40}), 422, "tracking.wandb"),
 ]

@@ -180,6 +180,8 @@ def _uri(value: str, loc: str, rooms: Rooms) -> str:
     parts = urlsplit(value)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
+        if ".." in unquote(unquote(parts.path)).split("/"):
+            raise GuestError(422, loc, f"{_short(value)}: '..' in a tracker URL (give the tracker's URL as allowed)")
         if not any(_same_destination(value, allowed) for allowed in rooms.trackers):
             allowed = ", ".join(rooms.trackers) or "none"
             raise GuestError(422, loc, f"{_short(value)}: this server contacts only the trackers its operator allows "
@@ -222,7 +224,10 @@ def _json_paths(path: Path, loc: str, rooms: Rooms) -> None:
             else:
                 walk(value, here)
 
-    walk(data, "")
+    try:
+        walk(data, "")
+    except RecursionError:
+        raise GuestError(400, loc, f"{path.name}: nested too deeply to be a DeepSpeed JSON") from None
 
 
 def _short(value: str) -> str:
