@@ -66,3 +66,18 @@ def test_eval_shards_cover_each_item_once_with_equal_forward_counts(n, world, mb
     counted = [x for s in shards for mb in s if not mb.dummy for x in mb.items]
     assert sorted(counted) == list(range(n))
     assert eval_batches([], 2, 0, 2) == []
+
+
+def test_group_by_length_fills_steps_with_similar_lengths_and_stays_resumable():
+    lengths = [(i * 37) % 101 + 1 for i in range(400)]  # items are their own lengths
+    grouped = Batcher(lengths, None, 2, 2, 1, 7, length=lambda x: x)
+    plain = Batcher(lengths, None, 2, 2, 1, 7)
+    assert grouped.signature() != plain.signature()  # a resume may not switch it on or off
+    spread = lambda b: sum(max(b.step(s).items) - min(b.step(s).items) for s in range(100)) / 100  # noqa: E731
+    assert spread(grouped) < 0.2 * spread(plain)  # each step's lengths lie close together
+    epoch = [x for s in range(100) for x in grouped.step(s).items]
+    assert sorted(epoch) == sorted(lengths)  # still every unit once per epoch
+    again = Batcher(lengths, None, 2, 2, 1, 7, length=lambda x: x)
+    assert [again.step(s).items for s in (3, 57, 120)] == [grouped.step(s).items for s in (3, 57, 120)]  # (seed, step) only
+    two = Batcher(lengths, None, 1, 2, 2, 7, length=lambda x: x)  # same global batch on 2 processes
+    assert all(sorted(two.step(s, 0).items + two.step(s, 1).items) == sorted(grouped.step(s).items) for s in range(20))

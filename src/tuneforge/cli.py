@@ -103,6 +103,10 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
         if key in summary:  # preference methods (train/dpo.py)
             was = summary.get(f"{key}_before")
             table.add_row(name, "" if was is None else f"{was:.4g}", f"{summary[key]:.4g}")
+    data = summary.get("data") or {}
+    if data:  # what preparing the data cut or left out (details in RUN_DIR/data_report.json)
+        table.add_row("samples truncated to data.max_length", "", str(data.get("truncated", 0)))
+        table.add_row("bad rows skipped (data.on_bad_row: skip)", "", str(data.get("skipped_rows", 0)))
     Console().print(table)
 
 
@@ -202,7 +206,12 @@ def config_validate(config: Path, overrides: Optional[List[str]] = SetOpt):
 
     from tuneforge.config.load import check_paths
 
-    skipped = check_paths(_load(config, overrides))
+    cfg = _load(config, overrides)
+    skipped = check_paths(cfg)
+    if cfg.train.deepspeed:  # the JSON's own sections and "auto" values; what needs a GPU is checked where it trains
+        from tuneforge.train.core.engines import deepspeed_config
+
+        deepspeed_config(cfg.train, cfg.train.mixed_precision, cuda=True)
     out = Console()
     out.print(f"{escape(str(config))}: valid (schema, combinations, local paths exist and are readable)", highlight=False)
     for note in skipped:

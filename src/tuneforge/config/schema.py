@@ -295,6 +295,7 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_epsilon: float = Field(1e-8, gt=0, le=1.0, description="AdamW epsilon (adamw, adamw_8bit, paged_adamw_8bit): the term added to the denominator.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = Field(
         "cosine", description="Schedule after warmup: cosine / linear decay to 0, constant (no warmup), constant_with_warmup, cosine_with_min_lr (to lr x min_lr_ratio).")
     min_lr_ratio: float = Field(0.1, ge=0, lt=1, description="cosine_with_min_lr: final lr as a fraction of the peak.")
@@ -317,6 +318,10 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
     eval_every: Optional[int] = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
     save_every: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (resumable with --resume).")
+    saves_per_epoch: Optional[int] = Field(None, ge=1, le=10_000, description="Checkpoints per epoch instead of save_every: turned into save_every once the steps per epoch are known.")
+    evals_per_epoch: Optional[int] = Field(None, ge=1, le=10_000, description="Evals per epoch instead of eval_every: turned into eval_every once the steps per epoch are known.")
+    eval_micro_batch_size: Optional[int] = Field(None, ge=1, le=65_536, description="Samples (or pairs) per eval forward pass per process (default: micro_batch_size).")
+    group_by_length: bool = Field(False, description="Put samples of similar length into the same step (less padding), in an order fixed by the seed; not with data.packing: bins.")
     keep_checkpoints: int = Field(2, ge=1, le=10_000, description="How many recent checkpoints to keep.")
     loss_watchdog_threshold: Optional[float] = Field(None, gt=0, description="Stop the run when the train loss stays above this for loss_watchdog_patience steps (NaN/inf always stops).")
     loss_watchdog_patience: int = Field(3, ge=1, description="Consecutive logged steps above loss_watchdog_threshold before stopping.")
@@ -339,6 +344,15 @@ class TrainConfig(Section):
         if self.warmup_steps and self.max_steps and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) >= max_steps ({self.max_steps}): the run would end "
                              "before the learning rate peaks (lower warmup_steps)")
+        return self
+
+    @model_validator(mode="after")
+    def _per_epoch_or_every(self) -> "TrainConfig":
+        for per_epoch, every in (("saves_per_epoch", "save_every"), ("evals_per_epoch", "eval_every")):
+            if getattr(self, per_epoch) and getattr(self, every):
+                raise ValueError(f"train.{per_epoch} and train.{every} both set: keep one")
+        if "adam_epsilon" in self.chosen() and self.optimizer not in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
+            raise ValueError(f"train.adam_epsilon applies to the AdamW optimizers, not {self.optimizer} (remove it or use adamw)")
         return self
 
     @model_validator(mode="after")
@@ -573,6 +587,11 @@ class Config(Section):
             raise ValueError("train.generate_eval.samples needs eval data: set data.eval, data.eval_split or data.eval_size")
         if self.train.eval_every and not has_eval:
             raise ValueError("train.eval_every needs eval data: set data.eval, data.eval_split or data.eval_size")
+        if self.train.evals_per_epoch and not has_eval:
+            raise ValueError("train.evals_per_epoch needs eval data: set data.eval, data.eval_split or data.eval_size")
+        if self.train.group_by_length and self.data.packing == "bins":
+            raise ValueError("train.group_by_length means nothing with data.packing: bins (bins already hold whole samples "
+                             "without padding): remove one of them")
         if self.model.quantize and (self.train.deepspeed or self.train.fsdp):
             # bitsandbytes weights are not sharded by ZeRO-3/FSDP here (untested); DDP (--nproc N) works per GPU.
             raise ValueError(f"model.quantize ({self.model.quantize}) with train.{'deepspeed' if self.train.deepspeed else 'fsdp'} "

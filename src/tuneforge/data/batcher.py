@@ -7,6 +7,10 @@ Inputs: the prepared units (a unit is one item, or one bin of items with packing
 - a resumed run sees exactly the micro-batches the uninterrupted run saw (no data state to save), and
 - the union over ranks of one step is the same set of units for any world size with the same global batch.
 
+With `length` (an item's token count: train.group_by_length) each epoch's shuffled order is cut into groups of
+GROUP_STEPS steps and each group sorted by length, longest first, so a step holds units of similar length
+(less padding); still a function of (seed, epoch) only.
+
 Items are opaque here (SFT samples, preference pairs): a recipe's collate turns a MicroBatch into tensors.
 """
 
@@ -15,9 +19,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Generic, Sequence, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
+GROUP_STEPS = 50  # steps sorted together by train.group_by_length (as transformers' LengthGroupedSampler's mega-batches)
 
 
 @dataclass(frozen=True)
@@ -58,13 +63,14 @@ class Batcher(Generic[T]):
     """
 
     def __init__(self, items: Sequence[T], units: list[list[int]] | None, micro_batch_size: int, grad_accum: int,
-                 world: int, seed: int, layout: str = "rows"):
+                 world: int, seed: int, layout: str = "rows", length: Callable[[T], int] | None = None):
         if layout not in ("rows", "packed"):
             raise ValueError(f"layout must be 'rows' or 'packed', not {layout!r}")
         self.items = items
         self.units = units if units is not None else [[i] for i in range(len(items))]
         self.micro_batch_size, self.grad_accum, self.world, self.seed = micro_batch_size, grad_accum, world, seed
         self.layout = layout
+        self.lengths = [sum(length(items[i]) for i in unit) for unit in self.units] if length else None
 
     @property
     def units_per_step(self) -> int:
@@ -81,13 +87,18 @@ class Batcher(Generic[T]):
     def signature(self) -> str:
         """What decides which units each step sees; a resume must not change it mid-run."""
         return (f"layout={self.layout} units={len(self.units)} step={self.units_per_step} "
-                f"mbs={self.micro_batch_size} accum={self.grad_accum} world={self.world}")
+                f"mbs={self.micro_batch_size} accum={self.grad_accum} world={self.world}"
+                + (" group_by_length" if self.lengths is not None else ""))
 
     def epoch_order(self, epoch: int) -> list[int]:
         # Seeded per epoch with its own generator: independent of any global RNG state, so resume is exact.
         order = list(range(len(self.units)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self.lengths is None:
+            return order
+        group = self.units_per_step * GROUP_STEPS
+        return [u for k in range(0, len(order), group)
+                for u in sorted(order[k : k + group], key=lambda u: -self.lengths[u])]  # stable: ties keep the shuffle
 
     def step_units(self, step: int, rank: int) -> tuple[int, list[list[int]]]:
         """-> (epoch, unit ids per micro-batch) of `rank` at `step`."""

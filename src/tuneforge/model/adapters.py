@@ -38,8 +38,9 @@ def prepare_for_training(model, cfg, tokenizer, log=print):
         freeze(model, t.freeze.layers, t.freeze.modules, train_embeddings=resized)
     if t.neftune_alpha:
         add_neftune(model, t.neftune_alpha)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 loads parameters already partitioned (numel() == 0 here): DeepSpeed keeps the full size in ds_numel.
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log(f"finetune: {t.finetune} - {n_train:,} of {n_all:,} parameters train ({n_train / max(n_all, 1):.2%})")
     return model
 

@@ -42,10 +42,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def unwrap(accel, model):
+    """The trained module without its DDP / torch.compile wrappers. Only DeepSpeed and FSDP runs go through
+    accelerate's unwrap_model: it imports DeepSpeed whenever DeepSpeed is installed (to test for its engine),
+    and a plain run must not load an engine it did not ask for."""
+    import torch
+    from accelerate.utils import DistributedType, is_compiled_module
+
+    if accel.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return accel.unwrap_model(model, keep_torch_compile=False)
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif is_compiled_module(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def save_final(accel, model, tokenizer, final: Path) -> None:
     """Write a `save_pretrained` folder that plain transformers/peft load. Collective: every process calls it
     (ZeRO-3 / FSDP gather their shards in `get_state_dict`); the main process writes tmp -> rename."""
-    state = accel.get_state_dict(model)
+    from accelerate.utils import DistributedType
+
+    sharded = accel.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    state = accel.get_state_dict(model) if sharded else unwrap(accel, model).state_dict()
     accel.wait_for_everyone()
     if accel.is_main_process:
         # train.compile: accelerate keeps the torch.compile wrapper, whose names start with `_orig_mod.`;
@@ -53,7 +74,7 @@ def save_final(accel, model, tokenizer, final: Path) -> None:
         state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accel.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        unwrap(accel, model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # with its chat template: inference renders like training
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -75,13 +96,20 @@ def record_failure(trainer, exc: BaseException) -> None:
         trainer.run.fail(exc)
 
 
-def update_bar(bar, done: int, total: int, m: dict, log) -> None:
-    """Advance the live bar; without a terminal, log about ten progress lines per run instead."""
+def update_bar(bar, done: int, total: int, m: dict, log, last_line: float) -> float:
+    """Advance the live bar; without a terminal, log about ten progress lines per run, and one at least every
+    PIPED_EVERY_S seconds (slow steps never look hung). Returns when the last line was logged."""
+    import time
+
+    from tuneforge.progress import PIPED_EVERY_S
+
     bar.update(bar.task_ids[0], completed=done, loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tps=f"{m['tokens_per_s']:.0f}")
     if not bar.live.is_started or bar.disable:
-        every = max(1, total // 10)
-        if done % every == 0 or done == total:
+        now = time.monotonic()
+        if done % max(1, total // 10) == 0 or done == total or now - last_line >= PIPED_EVERY_S:
             log(f"step {done}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s")
+            return now
+    return last_line
 
 
 def generate_eval(trainer, step: int, tag: str) -> dict:
@@ -100,7 +128,14 @@ def generate_eval(trainer, step: int, tag: str) -> dict:
     last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in convs]
     prompts = [c[:i] for c, i in zip(convs, last)]
     refs = [c[i]["content"] for c, i in zip(convs, last)]
-    preds = generate_batch(accel.unwrap_model(trainer.model), trainer.tokenizer, prompts, g.max_new_tokens)
+    from tuneforge.progress import phase
+
+    model, chunk, preds = unwrap(accel, trainer.model), 8, []
+    # Each process generates for all prompts; only the main one shows progress (a bar, or a line every ~10 s piped).
+    with phase(f"generate_eval ({tag})", total=len(prompts), log=trainer.log, tty=None if accel.is_main_process else False) as p:
+        for i in range(0, len(prompts), chunk):
+            preds += generate_batch(model, trainer.tokenizer, prompts[i : i + chunk], g.max_new_tokens, batch_size=chunk)
+            p.advance(len(prompts[i : i + chunk]))
     result = score(preds, refs, g.metric)
     if accel.is_main_process:
         trainer.tracker.log(step, **{f"{k}_{tag}": v for k, v in result.items()})

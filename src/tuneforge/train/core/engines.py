@@ -7,6 +7,11 @@ step, checkpoints, the consolidated final model) is the same code for every engi
 DeepSpeed configs are JSON files: five presets ship in `train/deepspeed/` (selected by name) and a user's
 own file is accepted. tuneforge's `train:` section stays the one source for batch size, accumulation,
 clipping and precision: those keys are filled in from it, and a file that sets them differently is refused.
+
+A JSON may bring DeepSpeed's own `optimizer` and `scheduler` sections (the HF-Trainer style, with "auto"
+values): they are honoured through accelerate's DummyOptim / DummyScheduler, with "auto" resolved from
+`train:` (lr, betas, adam_epsilon, weight_decay, warmup, total steps). Setting train.optimizer or
+train.lr_scheduler as well is refused (two choices for one thing).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ PRESET_DIR = Path(__file__).parent / "deepspeed"
 # Ranks wait for each other in collectives (e.g. while the main process saves a large checkpoint); the
 # default 10-30 min NCCL timeout kills long saves on slow disks. Data preparation does not rely on it.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
+DS_OPTIMIZERS_CPU = ("adam", "adamw")  # DeepSpeed optimizer types that run without a GPU (as torch's Adam/AdamW)
+DS_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
 FSDP_NEEDS_GPU = ("train.fsdp: accelerate runs FSDP on GPUs only (on CPU it would silently fall back to DDP); "
                   "use train.deepspeed: zero3 to shard on CPU, or run on GPUs")
 
@@ -73,7 +80,77 @@ def deepspeed_config(train_cfg, mixed_precision: str, cuda: bool) -> dict:
     if zero.get("stage") == 3:
         # Without it a ZeRO-3 model saves empty tensors: get_state_dict must gather the full weights.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    _own_sections(ds, train_cfg, cuda)
     return ds
+
+
+def _own_sections(ds: dict, t, cuda: bool) -> None:
+    """The JSON's optimizer / scheduler sections: checked, "auto" resolved from `train:` (steps at prepare)."""
+    opt, sched = ds.get("optimizer"), ds.get("scheduler")
+    if sched is not None and opt is None:
+        raise UserError("train.deepspeed: the JSON has a scheduler section but no optimizer section; accelerate runs "
+                        "DeepSpeed's scheduler only with DeepSpeed's optimizer (add an optimizer section, or remove the scheduler)")
+    if opt is not None:
+        kind = str(opt.get("type", "")).lower()
+        if "optimizer" in t.chosen():
+            raise UserError(f"train.deepspeed: the JSON's optimizer section ({opt.get('type')}) and train.optimizer both "
+                            "choose the optimizer: remove one")
+        if not cuda and kind not in DS_OPTIMIZERS_CPU:
+            raise UserError(f"train.deepspeed: optimizer type {opt.get('type')!r} needs a GPU; on CPU use Adam or AdamW")
+        params = opt.setdefault("params", {})
+        _fill(params, "optimizer", {"lr": t.lr, "betas": list(t.betas), "eps": t.adam_epsilon, "weight_decay": t.weight_decay},
+              t, {"lr": "lr", "betas": "betas", "eps": "adam_epsilon", "weight_decay": "weight_decay"})
+        if not cuda:  # DeepSpeed's CPU/fused Adam are C++ builds; torch's AdamW is the same update
+            params.setdefault("torch_adam", True)
+    if sched is not None:
+        if sched.get("type") not in DS_SCHEDULERS:
+            raise UserError(f"train.deepspeed: scheduler type {sched.get('type')!r} is not one of DeepSpeed's ({', '.join(DS_SCHEDULERS)})")
+        if "lr_scheduler" in t.chosen():
+            raise UserError(f"train.deepspeed: the JSON's scheduler section ({sched['type']}) and train.lr_scheduler both "
+                            "choose the schedule: remove one")
+        params = sched.setdefault("params", {})
+        for key, value in (("warmup_min_lr", 0.0), ("warmup_max_lr", t.lr), ("warmup_min_ratio", 0.0), ("cos_min_ratio", 0.0001)):
+            if params.get(key) == "auto":
+                params[key] = value  # warmup_num_steps / total_num_steps: known once the data is (deepspeed_steps)
+
+
+def _fill(params: dict, section: str, ours: dict, t, fields: dict) -> None:
+    for key, value in ours.items():
+        given = params.get(key, "auto")
+        if given == "auto":
+            params[key] = value
+        elif fields[key] in t.chosen() and given != value:
+            raise UserError(f"train.deepspeed: the JSON's {section}.params.{key} is {given} but train.{fields[key]} is {value} "
+                            f"(keep one: \"auto\" in the JSON takes train.{fields[key]})")
+
+
+def deepspeed_sections(accel) -> dict:
+    """The optimizer / scheduler sections of the run's DeepSpeed config ({} without DeepSpeed)."""
+    plugin = getattr(accel.state, "deepspeed_plugin", None)
+    ds = plugin.deepspeed_config if plugin is not None else {}
+    return {k: ds[k] for k in ("optimizer", "scheduler") if k in ds}
+
+
+def engine_optimizer(accel, groups: list[dict], t, total_steps: int, warmup: int):
+    """(DummyOptim, DummyScheduler or a schedule callable) for a JSON with its own sections: DeepSpeed builds and
+    steps them inside its engine. Total steps fill the scheduler's "auto" here (accelerate would divide them by
+    the process count)."""
+    from accelerate.utils import DummyOptim, DummyScheduler
+
+    sections = deepspeed_sections(accel)
+    optimizer = DummyOptim(groups, lr=t.lr, weight_decay=t.weight_decay)
+    if "scheduler" in sections:
+        params = sections["scheduler"].setdefault("params", {})
+        if params.get("total_num_steps", "auto") == "auto" and sections["scheduler"]["type"] in ("WarmupDecayLR", "WarmupCosineLR"):
+            params["total_num_steps"] = total_steps
+        return optimizer, DummyScheduler(optimizer, total_num_steps=None, warmup_num_steps=warmup)
+
+    def our_schedule(opt):  # the JSON chose the optimizer only: tuneforge's schedule on DeepSpeed's optimizer
+        from tuneforge.train.core.optim import build_scheduler
+
+        return build_scheduler(opt, t, total_steps)
+
+    return optimizer, DummyScheduler(optimizer, lr_scheduler_callable=our_schedule)
 
 
 def build_accelerator(cfg, mixed_precision: str, **kwargs):
@@ -118,7 +195,9 @@ def check(train_cfg) -> None:
     if train_cfg.deepspeed:
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("train.deepspeed: DeepSpeed is not installed (pip install 'tuneforge[deepspeed]')")
-        deepspeed_config(train_cfg, train_cfg.mixed_precision, cuda=False)
+        import torch
+
+        deepspeed_config(train_cfg, train_cfg.mixed_precision, cuda=torch.cuda.is_available())
     if train_cfg.fsdp:
         import torch
 

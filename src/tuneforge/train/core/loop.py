@@ -33,6 +33,20 @@ class Trainer:
         if not resume:
             self.run.check_new(cfg)  # never a folder holding another run, or one tuneforge did not write
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Samples (or pairs, prompts) per eval forward pass per process: train.eval_micro_batch_size or micro_batch_size."""
+        t = self.cfg.train
+        return t.eval_micro_batch_size or t.micro_batch_size
+
+    @property
+    def plain_model(self):
+        """The model without its DDP / torch.compile wrappers (for generate, disable_adapter); never imports DeepSpeed
+        in a run that does not use it (train/core/engine.py unwrap)."""
+        from tuneforge.train.core.engine import unwrap
+
+        return unwrap(self.accel, self.model)
+
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
         from tuneforge.model.adapters import prepare_for_training
@@ -41,7 +55,6 @@ class Trainer:
         from tuneforge.train.core.engine import make_accelerator, seed_everything
         from tuneforge.train.core.flops import mean_length, run_flops
         from tuneforge.train.core.launch import prepare_once
-        from tuneforge.train.core.optim import build_optimizer, build_scheduler
 
         cfg, t = self.cfg, self.cfg.train
         self.accel = make_accelerator(cfg)
@@ -63,8 +76,7 @@ class Trainer:
         model = prepare_for_training(load_model(self.source, cfg.model), cfg, self.tokenizer, self.log)
         self.guard.preflight(model)  # enough disk for the checkpoints, before the first step
         self.flops_per_token, self.peak_flops = run_flops(model, mean_length(self.batcher.items, cfg.data.max_length))  # MFU
-        optimizer = build_optimizer(model, t)
-        scheduler = build_scheduler(optimizer, t, self.total_steps)
+        optimizer, scheduler = self._optimizer(model)
         self.model, self.optimizer, self.scheduler = self.accel.prepare(model, optimizer, scheduler)
         checkpoint.install_trainable_only_hooks(self.accel)
         recipe_state = self._restore() if self.resume else None
@@ -72,6 +84,22 @@ class Trainer:
         self.recipe.setup(self)  # reference models, caches, an eval before training
         if recipe_state is not None:
             self.recipe.load_state_dict(recipe_state)
+
+    def _optimizer(self, model):
+        """train.optimizer and its schedule - or DeepSpeed's own, when the run's DeepSpeed JSON has those sections."""
+        from tuneforge.train.core.engines import deepspeed_sections, engine_optimizer
+        from tuneforge.train.core.optim import build_optimizer, build_scheduler, param_groups
+        from tuneforge.train.core.schedule import warmup_steps
+
+        t = self.cfg.train
+        sections = deepspeed_sections(self.accel)
+        if not sections:
+            optimizer = build_optimizer(model, t)
+            return optimizer, build_scheduler(optimizer, t, self.total_steps)
+        self.log(f"deepspeed: the JSON's {' and '.join(sections)} section{'s' if len(sections) > 1 else ''} "
+                 f"({', '.join(s.get('type', '?') for s in sections.values())}) run inside DeepSpeed's engine")
+        warm = warmup_steps(t.warmup_steps, t.warmup_ratio, self.total_steps)
+        return engine_optimizer(self.accel, param_groups(model, t.weight_decay), t, self.total_steps, warm)
 
     def _plan_steps(self) -> None:
         t, d, b = self.cfg.train, self.cfg.data, self.batcher
@@ -90,14 +118,27 @@ class Trainer:
             self.log(f"data: {self.data.report['truncated']} samples longer than data.max_length ({d.max_length}) were truncated "
                      "(raise data.max_length, or set data.clean.max_tokens to drop them)")
         self.total_steps = b.total_steps(t.epochs, t.max_steps)
+        self.save_every = t.save_every or self._per_epoch("saves_per_epoch", "save_every")
+        self.eval_every = t.eval_every or self._per_epoch("evals_per_epoch", "eval_every")
         # Known only now (steps and eval rows come from the data): refuse what would silently do nothing.
         if t.warmup_steps and t.warmup_steps >= self.total_steps:
             raise UserError(f"train.warmup_steps ({t.warmup_steps}) >= the run's {self.total_steps} steps: the learning rate "
                             "would never peak (lower warmup_steps, or use warmup_ratio)")
-        if (t.eval_every or t.generate_eval.samples) and not (self.data.eval or self.data.eval_pairs):
-            raise UserError(f"train.{'eval_every' if t.eval_every else 'generate_eval.samples'} is set but the eval split is "
+        if (self.eval_every or t.generate_eval.samples) and not (self.data.eval or self.data.eval_pairs):
+            asked = ("eval_every" if t.eval_every else "evals_per_epoch") if self.eval_every else "generate_eval.samples"
+            raise UserError(f"train.{asked} is set but the eval split is "
                             "empty (too little data for data.eval_split to hold out a row): raise data.eval_split, "
                             "set data.eval_size or data.eval")
+
+    def _per_epoch(self, key: str, every: str) -> int | None:
+        """train.saves_per_epoch / evals_per_epoch -> every N steps (at least that many per epoch), said once."""
+        n = getattr(self.cfg.train, key)
+        if not n:
+            return None
+        steps = self.batcher.steps_per_epoch
+        value = max(1, steps // n)
+        self.log(f"train.{key}: {n} -> {every} {value} ({steps} steps per epoch)")
+        return value
 
     def _restore(self):
         """Weights, optimizer, schedule, RNGs and watchdog from the latest checkpoint -> the recipe's saved state."""
@@ -158,7 +199,7 @@ class Trainer:
         if self.start_step == 0 and t.generate_eval.samples:
             generate_eval(self, step=0, tag="before")
         self.model.train()
-        last = {}
+        last, last_line = {}, time.monotonic()
         with progress_bar(self.total_steps, self.start_step) as bar:
             for step in range(self.start_step, self.total_steps):
                 began = time.perf_counter()
@@ -173,13 +214,13 @@ class Trainer:
                 if done % t.log_every == 0 or done == self.total_steps:
                     self.tracker.log(done, **last)
                 signalled = self.guard.after_step(done, last, self.accel)  # NaN/divergence raises here, before any save
-                update_bar(bar, done, self.total_steps, last, self.log)
+                last_line = update_bar(bar, done, self.total_steps, last, self.log, last_line)
                 best = early = None
-                if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
+                if self.eval_every and done % self.eval_every == 0 and done != self.total_steps:
                     held_out = self.recipe.evaluate()
                     self.tracker.log(done, **held_out)
                     best, early = self.guard.after_eval(done, held_out.get("eval_loss", math.nan))
-                if (t.save_every and done % t.save_every == 0) or signalled or early or (best and t.keep_best):
+                if (self.save_every and done % self.save_every == 0) or signalled or early or (best and t.keep_best):
                     self._save_checkpoint(done, best=bool(best))
                 if signalled:
                     self.guard.interrupt(done)  # status interrupted, exit 130; --resume continues
@@ -203,7 +244,7 @@ class Trainer:
         from tuneforge.train.core.engine import generate_eval, generate_eval_before, save_final
         from tuneforge.train.observe.tracking import plot_loss
 
-        summary = {"final_loss": last.get("loss"), "steps": self.total_steps}
+        summary = {"final_loss": last.get("loss"), "steps": self.total_steps, "data": self._data_counts()}
         held_out = self.recipe.evaluate()
         if held_out:
             self.tracker.log(self.total_steps, **held_out)
@@ -222,6 +263,11 @@ class Trainer:
             info = hook(self.recipe, "run_info")
             self.run.finish(final_dir=str(self.run.final), summary=summary, **(info() if info else {}))
         return summary
+
+    def _data_counts(self) -> dict:
+        """What the data preparation cut or left out, for the end-of-run summary (details: data_report.json)."""
+        report = self.data.report
+        return {"truncated": int(report.get("truncated") or 0), "skipped_rows": int(sum((report.get("skipped") or {}).values()))}
 
     def close(self) -> None:
         self.guard.close()  # report.html, lock released, signal handlers restored

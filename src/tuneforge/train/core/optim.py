@@ -28,7 +28,7 @@ def build_optimizer(model, t) -> torch.optim.Optimizer:
     if name == "adamw":
         # Built before accelerate moves the model to the GPU: decide by the machine, not by where params are now.
         fused = torch.cuda.is_available() and not getattr(t, "fsdp", False)
-        return torch.optim.AdamW(groups, lr=lr, betas=t.betas, fused=fused or None)
+        return torch.optim.AdamW(groups, lr=lr, betas=t.betas, eps=t.adam_epsilon, fused=fused or None)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
     if name == "adagrad":
@@ -51,7 +51,8 @@ def _bnb_optimizer(name: str, groups: list[dict], t):
     cls = {"adamw_8bit": bnb.AdamW8bit, "paged_adamw_8bit": bnb.PagedAdamW8bit, "lion": bnb.Lion, "lion_8bit": bnb.Lion8bit}[name]
     # Lion's usual betas are (0.9, 0.99); the config's AdamW betas apply to the AdamW variants only.
     betas = t.betas if name.endswith("adamw_8bit") or "betas" in t.chosen() else (0.9, 0.99)
-    return cls(groups, lr=t.lr, betas=betas)
+    eps = {"eps": t.adam_epsilon} if name.endswith("adamw_8bit") else {}  # Lion has no epsilon
+    return cls(groups, lr=t.lr, betas=betas, **eps)
 
 
 def build_scheduler(optimizer, t, total_steps: int):

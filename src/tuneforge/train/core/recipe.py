@@ -16,7 +16,7 @@ tracking. The loop calls the recipe in this order:
         count(batch)                   # the units the sums are divided by (over all micro-batches and processes)
     recipe.evaluate()                  # {"eval_loss": ..., ...} over the held-out split; {} when there is none
 
-`ctx` is the loop (train/core/loop.py Trainer). A recipe reads: ctx.cfg, ctx.log, ctx.run (RunDir),
+`ctx` is the loop (train/core/loop.py Trainer). A recipe reads: ctx.cfg, ctx.log, ctx.run (RunDir), ctx.eval_batch_size, ctx.plain_model (unwrapped),
 ctx.accel, ctx.tokenizer, ctx.source (base model dir), ctx.data (PreparedData), ctx.model (after
 `batcher`), ctx.start_step, ctx.total_steps. It never writes run files, saves checkpoints or steps the
 optimizer: the loop does.

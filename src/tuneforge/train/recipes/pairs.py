@@ -51,7 +51,13 @@ def batcher(ctx, items: list, method: str):
                         f"({len(ctx.data.train)} SFT samples): use preference data, or train.method: sft")
     if ctx.data.train:
         ctx.log(f"{method}: the data's {len(ctx.data.train)} SFT samples are not used")
-    return Batcher(items, None, t.micro_batch_size, t.grad_accum, ctx.accel.num_processes, t.seed)
+    return Batcher(items, None, t.micro_batch_size, t.grad_accum, ctx.accel.num_processes, t.seed,
+                   length=tokens_of if t.group_by_length else None)
+
+
+def tokens_of(item) -> int:
+    """A pair's tokens (chosen + rejected), or a KTO example's."""
+    return len(item.chosen.input_ids) + len(item.rejected.input_ids) if hasattr(item, "chosen") else len(item.encoded.input_ids)
 
 
 def parity_ids(items: list) -> list[list[int]]:
@@ -169,7 +175,7 @@ def evaluate(ctx, items: list, collate: Callable, loss: Callable, before: Callab
     if not items:
         return {}
     accel = ctx.accel
-    mine = eval_batches(items, ctx.cfg.train.micro_batch_size, accel.process_index, accel.num_processes)
+    mine = eval_batches(items, ctx.eval_batch_size, accel.process_index, accel.num_processes)
     batches = [(collate(mb, "eval"), mb.dummy) for mb in mine]
     if before:
         before([b for b, _ in batches])

@@ -35,7 +35,7 @@ class Reference:
             self.model = ctx.accel.prepare_model(self._load(), evaluation_mode=True)
 
     def _is_peft(self) -> bool:
-        return hasattr(self.ctx.accel.unwrap_model(self.ctx.model), "disable_adapter")
+        return hasattr(self.ctx.plain_model, "disable_adapter")
 
     def _load(self):
         from tuneforge.model.adapters import resize_embeddings
@@ -51,7 +51,7 @@ class Reference:
             return batch["ref_logps"]
         with torch.no_grad():
             if self.kind == "adapter_disabled":
-                model = self.ctx.accel.unwrap_model(self.ctx.model)
+                model = self.ctx.plain_model
                 with model.disable_adapter():
                     return sequence_logps(forward(model, batch), batch)[0]
             return sequence_logps(forward(self.model, batch), batch)[0]
@@ -92,7 +92,7 @@ class Reference:
         from tuneforge.data.batcher import eval_batches
 
         accel = self.ctx.accel
-        rank, world, mbs = accel.process_index, accel.num_processes, self.ctx.cfg.train.micro_batch_size
+        rank, world, mbs = accel.process_index, accel.num_processes, self.ctx.eval_batch_size
         out_rows = []
         for mb in eval_batches(items, mbs, rank, world):
             values = rows(collate(mb, split))  # (B, k)

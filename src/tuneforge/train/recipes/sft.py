@@ -25,7 +25,8 @@ class SFTRecipe:
                             "SFT samples: set train.method: dpo (or orpo, simpo, kto) to train on them")
         self.packed = cfg.data.packing != "off"
         self.layout = "packed" if cfg.data.packing == "padding_free" else "rows"
-        return Batcher(data.train, data.units, t.micro_batch_size, t.grad_accum, ctx.accel.num_processes, t.seed, layout=self.layout)
+        return Batcher(data.train, data.units, t.micro_batch_size, t.grad_accum, ctx.accel.num_processes, t.seed, layout=self.layout,
+                       length=len if t.group_by_length else None)
 
     def setup(self, ctx) -> None:
         """Nothing beyond the model: SFT needs no reference."""
@@ -60,7 +61,6 @@ class SFTRecipe:
         ctx = self.ctx
         if not ctx.data.eval:
             return {}
-        mine = eval_batches(ctx.data.eval, ctx.cfg.train.micro_batch_size, ctx.accel.process_index, ctx.accel.num_processes,
-                            layout=self.layout)
+        mine = eval_batches(ctx.data.eval, ctx.eval_batch_size, ctx.accel.process_index, ctx.accel.num_processes, layout=self.layout)
         plain_ce = lambda model, batch: self.loss(model, batch, label_smoothing=0.0)  # noqa: E731
         return {"eval_loss": evaluate(ctx.accel, ctx.model, [(self.collate(mb), mb.dummy) for mb in mine], plain_ce, self.count)}

@@ -80,7 +80,7 @@ class RunGuard:
 
         if self.main:
             t = self.cfg.train
-            check_disk(self.run.root, model, t.keep_checkpoints + (1 if t.keep_best else 0), bool(t.save_every or t.keep_best),
+            check_disk(self.run.root, model, t.keep_checkpoints + (1 if t.keep_best else 0), bool(t.save_every or t.saves_per_epoch or t.keep_best),
                        t.finetune != "lora")
 
     def restore(self, meta: dict | None) -> None:

@@ -19,7 +19,7 @@ from tuneforge.rundir import RunDir
 HARMLESS = (
     "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.keep_best",
     "train.generate_eval", "train.loss_watchdog_threshold", "train.loss_watchdog_patience",
-    "train.early_stopping_patience", "tracking.", "output.", "data.num_proc", "data.cache_dir", "data.allow_code",
+    "train.early_stopping_patience", "train.saves_per_epoch", "train.evals_per_epoch", "train.eval_micro_batch_size", "tracking.", "output.", "data.num_proc", "data.cache_dir", "data.allow_code",
 )
 LONGER = ("train.max_steps", "train.epochs")
 
