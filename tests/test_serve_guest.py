@@ -294,6 +294,21 @@ def test_link_planted_after_submit_is_refused_by_the_job_itself(guest):
 
 
 @pytest.mark.slow
+def test_sql_dump_cannot_attach_another_file(guest):
+    """A .sql dump in the workspace that ATTACHes a file outside it: the data source's authorizer refuses it
+    (data/sources.py), the job fails naming ATTACH, and no file is created."""
+    target = guest.outside / "created-by-attach.db"
+    (guest.ws["alice"] / "evil.sql").write_text(
+        "CREATE TABLE rows(instruction TEXT, input TEXT, output TEXT); INSERT INTO rows VALUES ('a', '', 'b');\n"
+        f"ATTACH DATABASE '{target}' AS x; CREATE TABLE x.t(a TEXT);\n")
+    r = guest.post("alice", native({"data.train.0": {"path": "evil.sql", "query": "select * from rows"}}, run_id="sql-attach"))
+    assert r.status_code == 201, r.text
+    final = wait_for(lambda: guest.ended("alice", r.json()["id"]), timeout=300)
+    assert final["status"] == "failed" and "ATTACH" in final["reason"], final
+    assert not target.exists()
+
+
+@pytest.mark.slow
 def test_disk_quota_stops_the_run_and_keeps_its_checkpoint(guest):
     cfg = native({"train.finetune": "full", "train.max_steps": 400, "train.save_every": 2, "train.keep_checkpoints": 200,
                   "data.max_length": 32}, run_id="quota")
@@ -327,7 +342,7 @@ def test_nothing_was_read_written_or_contacted(guest):
             assert not found, (path, found)
     assert guest.listener.count == 0
     run_ids = {j["run_id"] for u in ("alice", "carol") for j in guest.get(u, "/v1/jobs").json()["jobs"]}
-    assert run_ids == {"allowed-tracker", "env-check", "late-link", "quota"}
+    assert run_ids == {"allowed-tracker", "env-check", "late-link", "sql-attach", "quota"}
 
 
 def test_sandbox_without_bubblewrap_is_refused_in_one_line(tmp_path):
