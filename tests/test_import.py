@@ -29,7 +29,7 @@ def assert_complete(result, source_keys):
     rows = rows_by_key(result)
     assert set(source_keys) <= set(rows), f"keys dropped silently: {set(source_keys) - set(rows)}"
     for r in result.rows:
-        assert r.status in ("mapped", "ignored", "secret", "not mapped")
+        assert r.status in ("mapped", "ignored", "secret", "not mapped", "source default")
         if r.status != MAPPED:
             assert r.note, f"{r.key}: {r.status} without a reason"
     Config.model_validate(result.config)  # the output is a valid tuneforge config
@@ -379,3 +379,60 @@ def test_serverless_request_keys_map_to_the_run_they_ask_for():
     packed = translate({**args, "sample_packing": True}, "axolotl")
     assert rows_by_key(packed)["group_by_length"].status == NOT_MAPPED and rows_by_key(packed)["sample_packing"].status == MAPPED
     assert Config.model_validate(packed.config).data.packing == "bins"
+
+
+# --- what the file leaves implicit: the source tool's own default, written explicitly (issue 21) ---------------------
+
+
+def imported(source, args):
+    result = translate(args, source)
+    return Config.model_validate(result.config), rows_by_key(result)
+
+
+def test_llamafactory_minimal_file_trains_with_llamafactorys_defaults():
+    # hparams/finetuning_args.py (lora_rank 8, alpha = 2 x rank, dropout 0, target all), model_args.py (gradient
+    # checkpointing unless disabled), data_args.py (cutoff_len 2048, val_size 0), Seq2SeqTrainingArguments (5e-5, 3, linear, 8)
+    cfg, rows = imported("llamafactory", {"model_name_or_path": "m", "dataset": "d.jsonl", "stage": "sft",
+                                          "finetuning_type": "lora"})
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (8, 16, 0.0, "all-linear")
+    assert (cfg.train.gradient_checkpointing, cfg.train.lr, cfg.train.epochs, cfg.train.lr_scheduler) == (True, 5e-5, 3.0, "linear")
+    assert (cfg.train.micro_batch_size, cfg.data.max_length, cfg.data.eval_split) == (8, 2048, 0.0)
+    assert rows["lora_rank"].status == "source default" and "tuneforge's own: lora.r 16" in rows["lora_rank"].note
+    assert "lora_dropout" not in rows  # equal to tuneforge's default: nothing to write, no row
+
+    # a given rank sets the implicit alpha; disable_gradient_checkpointing decides, gradient_checkpointing: false does not
+    cfg, _ = imported("llamafactory", {"model_name_or_path": "m", "dataset": "d.jsonl", "lora_rank": 32,
+                                       "gradient_checkpointing": False, "cutoff_len": 4096})
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.train.gradient_checkpointing, cfg.data.max_length) == (32, 64, True, 4096)
+    cfg, _ = imported("llamafactory", {"model_name_or_path": "m", "dataset": "d.jsonl", "disable_gradient_checkpointing": True})
+    assert cfg.train.gradient_checkpointing is False
+    # a train_bash.py command predates v0.9.1's cutoff_len 2048; stage pt packs texts into cutoff_len blocks
+    cfg, _ = imported("llamafactory", {"_script": "train_bash.py", "model_name_or_path": "m", "dataset": "d", "stage": "pt"})
+    assert (cfg.data.max_length, cfg.data.group_texts, cfg.data.block_size, cfg.data.train_on) == (1024, True, 1024, "all")
+
+
+def test_axolotl_minimal_file_trains_with_axolotls_defaults():
+    # schemas/peft.py adapter None = full; schemas/training.py micro_batch_size 1; schemas/config.py sequence_len 512,
+    # val_set_size 0.0; core/builders/base.py: 3% warmup without warmup keys
+    args = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "learning_rate": 1e-4}
+    cfg, rows = imported("axolotl", args)
+    assert (cfg.train.finetune, cfg.train.micro_batch_size, cfg.data.max_length) == ("full", 1, 512)
+    assert (cfg.data.eval_split, cfg.train.warmup_ratio, cfg.train.lr_scheduler) == (0.0, 0.03, "cosine")
+    assert rows["adapter"].status == "source default"
+    cfg, rows = imported("axolotl", {**args, "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "warmup_steps": 5,
+                                     "eval_steps": 10})
+    assert (cfg.train.finetune, cfg.train.warmup_ratio, cfg.train.warmup_steps, cfg.train.eval_every) == ("lora", 0.0, 5, None)
+    assert rows["eval_steps"].status == "ignored"  # no val_set_size, no test_datasets: axolotl does not evaluate
+
+
+def test_xllm_minimal_file_trains_with_xllms_defaults():
+    # seed 000's config reference: apply_lora false, batch 2, warmup 1000, weight decay 0.001, paged_adamw_8bit,
+    # max_length 2048, LoRA rank 8 / dropout 0.1; no scheduler key (transformers' linear); the lm collator trains all tokens
+    args = {"model_name_or_path": "m", "train_local_path_to_data": "d.jsonl"}
+    cfg, _ = imported("xllm", args)
+    assert (cfg.train.finetune, cfg.train.micro_batch_size, cfg.train.warmup_steps) == ("full", 2, 1000)
+    assert (cfg.train.weight_decay, cfg.train.optimizer, cfg.train.lr_scheduler) == (0.001, "paged_adamw_8bit", "linear")
+    assert (cfg.data.max_length, cfg.data.train_on, cfg.data.eval_split) == (2048, "all", 0.0)
+    cfg, rows = imported("xllm", {**args, "apply_lora": True, "lora_alpha": 16, "eval_steps": 50})
+    assert (cfg.train.finetune, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("lora", 8, 16, 0.1)
+    assert cfg.train.eval_every is None and rows["eval_steps"].status == "ignored"  # do_eval false: no eval

@@ -1,7 +1,8 @@
 """Translate configs written for axolotl, LLaMA-Factory and X—LLM into tuneforge configs, key by key.
 
 `import_file(path, source)` returns an ImportResult: the tuneforge config (validated by the schema) and one
-report row per source key (mapped / ignored / secret / not mapped, with the reason).
+report row per source key (mapped / ignored / secret / not mapped, with the reason), plus one "source default"
+row per setting the file left to the source tool's default where tuneforge's own default differs.
 """
 
 from __future__ import annotations

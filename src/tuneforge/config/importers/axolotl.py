@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.config.importers.table import (
-    BUILTIN_TEMPLATES, NOTE, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, flash_attention, ignored, lookup,
-    not_mapped, optimizer, same_as, secret, to,
+    BUILTIN_TEMPLATES, NOTE, Default, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, flash_attention, ignored, lookup,
+    not_mapped, optimizer, positive, same_as, secret, to,
 )
 
 ARCH = "tuneforge reads the architecture from the model's config.json"
@@ -282,6 +282,29 @@ RULES: dict[str, Any] = {
     "output_dir": to("output.dir"),
 }
 
+# What axolotl trains with when its config leaves a setting out (only what changes the trained result). Read from
+# axolotl-ai-cloud/axolotl src/axolotl/utils/schemas/{config,training,peft}.py (sequence_len 512, micro_batch_size 1,
+# val_set_size 0.0, adapter None = full fine-tune, lr_scheduler cosine, optimizer adamw_torch_fused, ...) and
+# src/axolotl/core/builders/base.py (no warmup keys: min(int(0.03 x steps), 100) warmup steps); seed and max_grad_norm
+# unset leave transformers' 42 and 1.0. learning_rate and lora_r/lora_alpha have no default (axolotl requires them).
+# A default equal to tuneforge's is skipped when importing; listed so a change on either side shows up.
+DEFAULTS = (
+    Default("adapter", {"train.finetune": "full"}, "none: every weight is trained"),
+    Default("micro_batch_size", {"train.micro_batch_size": 1}),
+    Default("gradient_accumulation_steps", {"train.grad_accum": 1}),
+    Default("num_epochs", {"train.epochs": 1.0}),
+    Default("sequence_len", {"data.max_length": 512}),
+    Default("val_set_size", {"data.eval_split": 0.0}, "0: nothing held out of the training data"),
+    Default("warmup_ratio", {"train.warmup_ratio": 0.03}, "3% of the steps, which axolotl caps at 100: the same for runs "
+            "up to 3,333 steps", also=("warmup_steps",)),
+    Default("lr_scheduler", {"train.lr_scheduler": "cosine"}),
+    Default("optimizer", {"train.optimizer": "adamw"}, "adamw_torch_fused"),
+    Default("weight_decay", {"train.weight_decay": 0.0}),
+    Default("lora_dropout", {"lora.dropout": 0.0}),
+    Default("train_on_inputs", {"data.train_on": "assistant"}),
+    Default("gradient_checkpointing", {"train.gradient_checkpointing": False}),
+)
+
 DATASET_RULES = {
     "path": "path", "data_files": "path", "split": "split", "train_on_split": "split", "name": "subset",
 }
@@ -318,6 +341,10 @@ def _dataset(t: Translator, section: str, i: int, item: Any, prefix: str) -> Non
 
 def translate(args: dict[str, Any], source: str = "axolotl config") -> ImportResult:
     t = Translator(source, known={*RULES, "datasets", "test_datasets"})
+    rules = dict(RULES)
+    if not args.get("test_datasets") and not positive(args.get("val_set_size")):
+        no_eval = ignored("no eval data (val_set_size 0, no test_datasets): axolotl does not evaluate")
+        rules.update(eval_steps=no_eval, evals_per_epoch=no_eval)
     for key, value in args.items():
         if key in ("datasets", "test_datasets"):
             section = "train" if key == "datasets" else "eval"
@@ -327,5 +354,6 @@ def translate(args: dict[str, Any], source: str = "axolotl config") -> ImportRes
             for i, item in enumerate(items):
                 _dataset(t, section, i, item, key)
             continue
-        t.apply(key, value, RULES.get(key), f"unknown axolotl key {key!r}: no tuneforge equivalent")
+        t.apply(key, value, rules.get(key), f"unknown axolotl key {key!r}: no tuneforge equivalent")
+    t.source_defaults(args, DEFAULTS, "axolotl")
     return t.finish({"model.path": "base_model", "model": "base_model", "data.train": "datasets", "data": "datasets"})

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 from tuneforge.config.importers.table import (
-    NOTE, Ignored, ImportResult, NotMapped, Translator, flag, flash_attention, ignored, lookup, not_mapped,
-    optimizer, same_as, secret, to,
+    NOTE, Default, Ignored, ImportResult, NotMapped, Translator, flag, flash_attention, ignored, lookup, not_mapped,
+    optimizer, positive, same_as, secret, to,
 )
 from tuneforge.errors import UserError
 
@@ -139,6 +139,16 @@ def _bool_precision(name: str):
     return flag("train.mixed_precision", name, "false: tuneforge picks the precision (mixed_precision auto)")
 
 
+def _on(v) -> bool:
+    return v is True or str(v).lower() in ("true", "1")
+
+
+def _gradient_checkpointing(v):
+    if _on(v):
+        return {"train.gradient_checkpointing": True}
+    raise Ignored("LLaMA-Factory checkpoints anyway unless disable_gradient_checkpointing: true")
+
+
 def _val_size(v):
     v = float(v)
     return {"data.eval_size": int(v)} if v >= 1 else {"data.eval_split": v}
@@ -191,8 +201,8 @@ RULES: dict[str, Any] = {
     "packing": to("data.packing", lambda v: "bins" if v else "off"),
     "train_on_prompt": to("data.train_on", lambda v: "all" if v else "assistant"),
     "default_system": to("data.system_prompt"),
-    "gradient_checkpointing": to("train.gradient_checkpointing", bool),
-    "disable_gradient_checkpointing": ignored("tuneforge leaves gradient checkpointing off unless asked"),
+    "gradient_checkpointing": _gradient_checkpointing,
+    "disable_gradient_checkpointing": to("train.gradient_checkpointing", lambda v: not _on(v)),
     "optim": optimizer,
     "report_to": same_as({"none", "tensorboard"}, "tuneforge logs to TensorBoard; W&B needs tracking.wandb.project"),
     "deepspeed": to("train.deepspeed"),
@@ -208,6 +218,44 @@ RULES: dict[str, Any] = {
     "preprocessing_num_workers": to("data.num_proc"),
     "_script": ignored("the training script's name"),
 }
+
+
+def _cutoff_len(args: dict[str, Any]) -> int:
+    # 1024 until v0.9.1 (Nov 2024), 2048 since; train_bash.py commands come from before v0.7 (May 2024).
+    return 1024 if args.get("_script") == "train_bash.py" else 2048
+
+
+def _lora(args: dict[str, Any]) -> bool:
+    return args.get("finetuning_type", "lora") == "lora" and not args.get("adapter_name_or_path")
+
+
+# What LLaMA-Factory trains with when its arguments leave a setting out (only what changes the trained result).
+# Read from hiyouga/LLaMA-Factory src/llamafactory/hparams/{finetuning_args,model_args,data_args}.py and parser.py
+# (lora_alpha = lora_alpha or lora_rank * 2; packing = stage == "pt"), v0.5-v0.9.x alike except cutoff_len; the
+# training loop's from transformers' Seq2SeqTrainingArguments (learning_rate 5e-5, 3 epochs, linear, batch 8, ...).
+# A default equal to tuneforge's is skipped when importing; listed so a change on either side shows up.
+DEFAULTS = (
+    Default("lora_rank", {"lora.r": 8}, when=_lora),
+    Default("lora_alpha", {"lora.alpha": lambda a: 2 * int(a.get("lora_rank") or 8)}, "lora_rank x 2", when=_lora),
+    Default("lora_dropout", {"lora.dropout": 0.0}, when=_lora),
+    Default("lora_target", {"lora.target_modules": "all-linear"}, "all", when=_lora),
+    Default("disable_gradient_checkpointing", {"train.gradient_checkpointing": True}, "false: checkpointing on"),
+    Default("learning_rate", {"train.lr": 5e-5}),
+    Default("num_train_epochs", {"train.epochs": 3.0}),
+    Default("lr_scheduler_type", {"train.lr_scheduler": "linear"}),
+    Default("warmup_steps", {"train.warmup_ratio": 0.0}, "no warmup", also=("warmup_ratio",)),
+    Default("per_device_train_batch_size", {"train.micro_batch_size": 8}),
+    Default("gradient_accumulation_steps", {"train.grad_accum": 1}),
+    Default("cutoff_len", {"data.max_length": _cutoff_len}),
+    Default("val_size", {"data.eval_split": 0.0}, "0: nothing held out of the training data"),
+    Default("train_on_prompt", {"data.train_on": "assistant"}),
+    Default("packing", {"data.group_texts": True, "data.block_size": lambda a: int(a.get("cutoff_len") or _cutoff_len(a))},
+            "stage pt: texts concatenated and cut into cutoff_len blocks", when=lambda a: a.get("stage") == "pt"),
+    Default("weight_decay", {"train.weight_decay": 0.0}),
+    Default("max_grad_norm", {"train.max_grad_norm": 1.0}),
+    Default("seed", {"train.seed": 42}),
+    Default("optim", {"train.optimizer": "adamw"}, "adamw_torch(_fused)"),
+)
 
 
 def _datasets(t: Translator, args: dict[str, Any]) -> None:
@@ -246,10 +294,13 @@ def translate(args: dict[str, Any], source: str = "LLaMA-Factory arguments") -> 
     t = Translator(source, known=RULES.keys() | _push_rules({}).keys())
     _datasets(t, args)
     rules = {**RULES, **_push_rules(args)}
+    if not positive(args.get("val_size")):
+        rules["eval_steps"] = ignored("no val_size: LLaMA-Factory does not evaluate")
     if {"freeze_trainable_layers", "num_layer_trainable"} & set(args):
         rules["finetuning_type"] = lookup("train.finetune", {"lora": "lora", "full": "full", "freeze": "freeze"}, "finetuning_type")
     for key, value in args.items():
         if key in ("dataset", "dataset_dir", "max_samples"):
             continue
         t.apply(key, value, rules.get(key), f"unknown LLaMA-Factory argument {key!r}: no tuneforge equivalent")
+    t.source_defaults(args, DEFAULTS, "LLaMA-Factory")
     return t.finish({"model.path": "model_name_or_path", "model": "model_name_or_path", "data.train": "dataset", "data": "dataset"})

@@ -4,6 +4,8 @@ A translation never drops a key silently: each key of the source file becomes on
 mapped (and to which tuneforge key), ignored because tuneforge already behaves that way, moved to the environment
 (secrets), or not mapped (with the reason). Targets are checked against the live schema, so a key whose tuneforge
 feature does not exist yet is reported "not supported yet" instead of producing an invalid config.
+A setting the file leaves to the source tool's default is written with that default where tuneforge's differs
+("source default" rows), so the imported run trains what the source tool would have trained.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 
 MAPPED, IGNORED, SECRET, NOT_MAPPED = "mapped", "ignored", "secret", "not mapped"
+SOURCE_DEFAULT = "source default"  # absent from the file: the source tool's own default, written explicitly
 NOTE = "_note"  # a rule may return {NOTE: "..."} next to its targets: shown in the mapped row
 MASK = "***"
 
@@ -138,6 +141,50 @@ def schema_has(dotted: str, root: type[BaseModel] = Config) -> bool:
     return True
 
 
+def schema_default(dotted: str, root: type[BaseModel] = Config) -> Any:
+    """tuneforge's default for a config key, e.g. 'lora.r' -> 16."""
+    node: type[BaseModel] = root
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = _section_type(node.model_fields[part].annotation)
+    return node.model_fields[parts[-1]].get_default(call_default_factory=True)
+
+
+def has_path(cfg: dict, dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Default:
+    """A setting the source tool applies when its file does not name it (its documented default).
+
+    `targets` maps tuneforge keys to the value (or `value(args)`); `also` are other source keys that decide the same
+    setting; `when(args)` limits it to the files it applies to (e.g. LoRA ranks only for LoRA runs).
+    """
+
+    key: str
+    targets: dict[str, Any]
+    note: str = ""
+    also: tuple[str, ...] = ()
+    when: Callable[[dict], bool] | None = None
+
+
+def positive(v: Any) -> bool:
+    """A number above 0 (e.g. a validation-set size); anything else, unparsable included, is not."""
+    try:
+        return float(v) > 0
+    except (TypeError, ValueError):
+        return False
+
+
 def set_path(cfg: dict, dotted: str, value: Any) -> None:
     node: Any = cfg
     parts = dotted.split(".")
@@ -215,6 +262,29 @@ class Translator:
         for target, val in targets.items():
             set_path(self.cfg, target, val)
         self.rows.append(Row(key, shown, MAPPED, list(targets), note))
+
+    def source_defaults(self, args: dict[str, Any], defaults: Iterable[Default], tool: str) -> None:
+        """Write the source tool's default for each setting the file leaves implicit, where tuneforge's differs.
+
+        Without this an imported config would silently train with tuneforge's defaults (another rank, lr, length...).
+        A key set to null counts as absent (the tool's default applies); a target the file already decided through
+        another key is left alone.
+        """
+        given = {k for k, v in args.items() if v is not None}
+        for d in defaults:
+            if d.key in given or given & set(d.also) or (d.when is not None and not d.when(args)):
+                continue
+            values = {t: v(args) if callable(v) else v for t, v in d.targets.items()}
+            values = {t: v for t, v in values.items() if not has_path(self.cfg, t) and v != schema_default(t)}
+            if not values:
+                continue
+            for target, val in values.items():
+                set_path(self.cfg, target, val)
+            ours = ", ".join(f"{t} {schema_default(t)!r}" for t in values)
+            note = f"not in the file: {tool}'s default{' (' + d.note + ')' if d.note else ''}; tuneforge's own: {ours}"
+            shown = next(iter(values.values())) if len(values) == 1 else values
+            self.rows = [r for r in self.rows if r.key != d.key]  # a null value's 'ignored' row
+            self.rows.append(Row(d.key, shown, SOURCE_DEFAULT, list(values), note))
 
     def _did_you_mean(self, key: str, known: Iterable[str] | None) -> str:
         leaf = key.rsplit(".", 1)[-1]
@@ -371,7 +441,7 @@ def print_table(result: ImportResult, console) -> None:
     table = Table(title=f"import {result.source}: " + ", ".join(f"{n} {k}" for k, n in result.counts().items()))
     for col in ("key", "value", "status", "tuneforge", "note"):
         table.add_column(col, overflow="fold")
-    colors = {MAPPED: "green", IGNORED: "cyan", SECRET: "magenta", NOT_MAPPED: "yellow"}
+    colors = {MAPPED: "green", IGNORED: "cyan", SECRET: "magenta", NOT_MAPPED: "yellow", SOURCE_DEFAULT: "blue"}
     for r in result.report():
         value = r["value"] if isinstance(r["value"], str) else repr(r["value"])
         table.add_row(r["key"], value[:40], f"[{colors[r['status']]}]{r['status']}[/]", r["tuneforge"], r["note"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.config.importers.table import (
-    NOTE, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, flash_attention, ignored, not_mapped, optimizer,
+    NOTE, Default, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, flash_attention, ignored, not_mapped, optimizer,
     same_as, secret, to, when,
 )
 
@@ -75,6 +75,12 @@ def _flash(v):
     raise Ignored("false: tuneforge picks the attention (model.attn_implementation auto)")
 
 
+def _collator(v):
+    if v == "lm":  # src/xllm/collators/lm.py: labels are the input ids, every token carries loss
+        return {"data.train_on": "all", NOTE: "X—LLM's lm collator puts loss on every token"}
+    raise NotMapped(f"{v!r}: custom X—LLM collators have no tuneforge equivalent")
+
+
 def _optim(v):
     return optimizer(v)
 
@@ -117,7 +123,7 @@ RULES: dict[str, Any] = {
     "tokenizer_name_or_path": to("model.tokenizer"),
     "tokenizer_use_fast": _tokenizer_fast,
     "tokenizer_padding_side": _default_only("right", "tuneforge pads on the right for training (packing needs no padding)"),
-    "collator_key": same_as({"lm"}, "custom X—LLM collators have no tuneforge equivalent"),
+    "collator_key": _collator,
     "max_length": to("data.max_length"),
     # model
     "model_name_or_path": to("model.path"),
@@ -199,6 +205,8 @@ def _context_rules(cfg: dict[str, Any]) -> dict[str, Any]:
         if quant and qhub else ignored(NO_GPTQ),
         "quantized_hub_private_repo": to("export.hub_private", _on) if pushes_qhub else ignored("no GPTQ push configured"),
     }
+    if not _on(cfg.get("do_eval")):  # build_training_arguments: evaluation_strategy "no" unless do_eval
+        rules["eval_steps"] = ignored("do_eval is false: X—LLM does not evaluate")
     if not _on(cfg.get("apply_lora")):  # X—LLM reads its LoRA keys only with apply_lora
         rules.update(dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "raw_lora_target_modules"),
                                    ignored("apply_lora is false: full fine-tuning, no LoRA")))
@@ -207,6 +215,39 @@ def _context_rules(cfg: dict[str, Any]) -> dict[str, Any]:
             f"X—LLM's download step writes dataset_key {key!r}'s rows to this file; tuneforge reads the registered "
             "dataset itself (and caches it in data.cache_dir)")
     return rules
+
+
+def _lora(cfg: dict[str, Any]) -> bool:
+    return _on(cfg.get("apply_lora"))
+
+
+# What X—LLM trains with when its config leaves a setting out (only what changes the trained result): seed 000's
+# config reference (/work/shared/seeds/000_*.txt, "Default value"), as in BobaZooba/xllm src/xllm/core/config.py;
+# build_training_arguments (src/xllm/core/dependencies.py) passes no lr_scheduler_type (transformers' linear) and
+# the default lm collator (src/xllm/collators/lm.py) labels every token. X—LLM reads its LoRA keys only with
+# apply_lora, and evaluates only on eval_local_path_to_data (nothing held out of train).
+# A default equal to tuneforge's is skipped when importing; listed so a change on either side shows up.
+DEFAULTS = (
+    Default("apply_lora", {"train.finetune": "full"}, "false: every weight is trained"),
+    Default("lora_rank", {"lora.r": 8}, when=_lora),
+    Default("lora_alpha", {"lora.alpha": 32}, when=_lora),
+    Default("lora_dropout", {"lora.dropout": 0.1}, when=_lora),
+    Default("raw_lora_target_modules", {"lora.target_modules": "all-linear"}, "all", when=_lora),
+    Default("per_device_train_batch_size", {"train.micro_batch_size": 2}),
+    Default("gradient_accumulation_steps", {"train.grad_accum": 1}),
+    Default("num_train_epochs", {"train.epochs": 1.0}),
+    Default("learning_rate", {"train.lr": 2e-4}),
+    Default("warmup_steps", {"train.warmup_steps": 1000}),
+    Default("lr_scheduler_type", {"train.lr_scheduler": "linear"}, "X—LLM has no key for it: transformers' linear"),
+    Default("weight_decay", {"train.weight_decay": 0.001}),
+    Default("max_grad_norm", {"train.max_grad_norm": 1.0}),
+    Default("optim", {"train.optimizer": "paged_adamw_8bit"}),
+    Default("seed", {"train.seed": 42}),
+    Default("max_length", {"data.max_length": 2048}),
+    Default("collator_key", {"data.train_on": "all"}, "lm: loss on every token"),
+    Default("eval_local_path_to_data", {"data.eval_split": 0.0}, "none: no eval, nothing held out of the training data"),
+    Default("use_gradient_checkpointing", {"train.gradient_checkpointing": False}),
+)
 
 
 def translate(cfg: dict[str, Any], source: str = "X—LLM config") -> ImportResult:
@@ -218,6 +259,7 @@ def translate(cfg: dict[str, Any], source: str = "X—LLM config") -> ImportResu
             t.apply(key, value, ignored("report_to_wandb is false: no W&B logging"), "")
             continue
         t.apply(key, value, rules.get(key), f"unknown X—LLM key {key!r}: no tuneforge equivalent")
+    t.source_defaults(cfg, DEFAULTS, "X—LLM")
     need = "train_local_path_to_data or dataset_key"
     return t.finish({"model.path": "model_name_or_path", "model": "model_name_or_path", "data.train": need, "data": need})
 
