@@ -365,7 +365,8 @@ def _python_roots() -> list[Path]:
 
     roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix), Path(os.path.realpath(sys.executable)).parent.parent,
              Path(tuneforge.__file__).resolve().parent.parent}
-    roots |= {Path(p) for p in sys.path if p and os.path.isdir(p)}
+    # Installed packages only: a bare sys.path entry may be the server's working directory (the operator's home).
+    roots |= {Path(p) for p in sys.path if p and os.path.isdir(p) and ("site-packages" in p or "dist-packages" in p)}
     return sorted(r for r in roots if r.exists() and str(r) != "/")
 
 
