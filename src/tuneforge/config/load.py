@@ -201,8 +201,6 @@ def _path_slots(raw: dict[str, Any]):
     yield "data.cache_dir", sections["data"], "cache_dir"
     if sections["data"].get("export_dir"):
         yield "data.export_dir", sections["data"], "export_dir"
-    if sections["data"].get("export_dir"):
-        yield "data.export_dir", sections["data"], "export_dir"
     yield "output.dir", sections["output"], "dir"
     for split in ("train", "eval"):
         specs = sections["data"].get(split)
