@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
     lengths = [5, 3, 1, 4]
     seqs = [Completion(prompt[i].tolist(), completion[i, : lengths[i]].tolist(), masked=not mask[i].any()) for i in range(B)]
-    batch = collate_sequences(seqs, tok.pad_token_id, packed=True)
+    batch = collate_sequences(seqs, tok.pad_token_id, packed=False)  # right-padded rows, as the recipe batches them
     with torch.no_grad():
         now = torch.zeros(B, C)
         now[mask.bool()] = completion_logps(ours, batch, TEMPERATURE)

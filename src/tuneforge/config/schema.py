@@ -630,8 +630,10 @@ class Config(Section):
             raise ValueError(f"train.micro_batch_size x grad_accum ({t.micro_batch_size} x {t.grad_accum}) counts completions per process "
                              f"and step; it must be a multiple of grpo.num_generations ({g.num_generations}) so each prompt's group stays whole")
         refused = [("data.group_texts", self.data.group_texts), ("data.clean", bool(self.data.clean.chosen())),
+                   ("data.packing", "packing" in self.data.chosen() and self.data.packing != "off"),
                    ("train.label_smoothing", bool(t.label_smoothing)), ("train.early_stopping_patience", bool(t.early_stopping_patience)),
                    ("train.keep_best", t.keep_best), ("train.generate_eval.samples", bool(t.generate_eval.samples)),
+                   ("train.group_by_length", t.group_by_length),
                    ("train.deepspeed", bool(t.deepspeed)), ("train.fsdp", t.fsdp)]
         for name, on in refused:
             if on:
