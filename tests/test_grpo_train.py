@@ -153,3 +153,31 @@ def test_a_reward_that_raises_names_itself_and_the_row(base, tmp_path):
     assert_user_error(run_cli_inprocess("train", str(cfg)), "reward 'fails_on_x'", "bad.jsonl row 2", "ValueError")
     info = json.loads((tmp_path / "bad" / "run_info.json").read_text())
     assert info["status"] == "failed" and "fails_on_x" in info["error"]
+
+
+def test_qlora_on_cpu_still_learns_after_generating(base, tmp_path):
+    """4-bit base + LoRA on CPU: the held-out eval and every rollout generate under step.eval_mode, which keeps the
+    4-bit layers from being repacked for inference; after them the LoRA gradients are non-zero and every LoRA weight moves."""
+    pytest.importorskip("bitsandbytes")
+    from tuneforge.config import load_config
+    from tuneforge.train.core.step import update
+    from tuneforge.train.run import trainer
+
+    root, model, prompts = base
+    path = config(tmp_path, model, prompts, "qlora", train={"finetune": "lora", "max_steps": 2, "lr": 1e-2})
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["quantize"] = "4bit"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    r = trainer(cfg, log=lambda *a: None)
+    r.setup()
+    assert "eval_reward" in r.recipe.before  # generated once already, before the first step
+    start = {n: p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad}
+    r.model.train()
+    for step in range(2):
+        r.backward_step(step)
+        grads = [p.grad.abs().sum().item() for n, p in r.model.named_parameters() if "lora_B" in n and p.grad is not None]
+        assert grads and all(g > 0 for g in grads), (step, grads)
+        update(r.accel, r.model, r.optimizer, r.scheduler, 1.0)
+    r.close()
+    assert all(bool((p.detach() != start[n]).any()) for n, p in r.model.named_parameters() if p.requires_grad)
