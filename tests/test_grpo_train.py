@@ -181,3 +181,16 @@ def test_qlora_on_cpu_still_learns_after_generating(base, tmp_path):
         update(r.accel, r.model, r.optimizer, r.scheduler, 1.0)
     r.close()
     assert all(bool((p.detach() != start[n]).any()) for n, p in r.model.named_parameters() if p.requires_grad)
+
+
+def test_prepare_renders_and_checks_prompt_rows(base, tmp_path):
+    """`tuneforge prepare` on a grpo config renders the prompt rows and names a bad one (here: a reply given)."""
+    root, model, prompts = base
+    ok = run_cli_inprocess("prepare", str(config(tmp_path, model, prompts, "prep")))
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads((tmp_path / "prep" / "data_report.json").read_text())
+    assert report["train_prompts"] == 64 and report["eval_prompts"] == 8 and report["columns"] == ["answer"]
+    bad = tiny.write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi"}, {"messages": [{"role": "user", "content": "a"},
+                                                                                   {"role": "assistant", "content": "b"}]}])
+    proc = run_cli_inprocess("prepare", str(config(tmp_path, model, bad, "prep_bad")))
+    assert_user_error(proc, "bad.jsonl row 2", "ends with an assistant turn")

@@ -46,6 +46,8 @@ class PreparedPrompts:
     fingerprint: str
     report: dict[str, Any]
     eval_pairs: list = field(default_factory=list)  # prompt data has no preference pairs
+    cache_hit: bool = False  # rendered at every start, never cached (cheap)
+    export_dir: str | None = None
 
 
 def from_row(row: Row, system_prompt: str | None, columns: dict[str, str] | None = None) -> tuple[Messages, dict]:
