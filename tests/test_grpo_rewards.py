@@ -104,3 +104,15 @@ def test_prompt_rows():
         from_row(Row({"messages": conv[:2]}, "p.jsonl", 4), None)
     with pytest.raises(BadRow, match="needs 'prompt'"):
         from_row(Row({"text": "x"}, "p.jsonl", 5), None)
+
+
+def test_vllm_generation_is_refused_where_it_cannot_run():
+    import torch
+
+    from tuneforge.train.recipes.grpo import refuse_unavailable
+
+    refuse_unavailable("transformers")  # the default: nothing to refuse
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the refusal here is about the missing vLLM, checked on GPU machines")
+    with pytest.raises(UserError, match="vllm needs a CUDA GPU"):
+        refuse_unavailable("vllm")
