@@ -116,3 +116,16 @@ def test_vllm_generation_is_refused_where_it_cannot_run():
         pytest.skip("a GPU is present: the refusal here is about the missing vLLM, checked on GPU machines")
     with pytest.raises(UserError, match="vllm needs a CUDA GPU"):
         refuse_unavailable("vllm")
+
+
+def test_the_job_server_refuses_a_reward_function(tmp_path):
+    """A job is a guest: a grpo reward naming code is refused at submit, naming the field (as a custom: dataset is)."""
+    pytest.importorskip("fastapi")
+    from tuneforge.serve.paths import confine
+    from tuneforge.serve.schema import RequestError
+
+    cfg = {"model": {"path": "m"}, "data": {"train": [{"path": "p.jsonl"}]}, "train": {"method": "grpo", "micro_batch_size": 8},
+           "grpo": {"rewards": [{"type": "json"}, {"type": "function", "function": "os:system"}]}}
+    with pytest.raises(RequestError) as exc:
+        confine(cfg, "alice", "r1", tmp_path)
+    assert exc.value.status == 400 and exc.value.errors[0]["loc"] == "grpo.rewards.1.function"

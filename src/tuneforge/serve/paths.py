@@ -101,6 +101,11 @@ def confine(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path, policy:
             if isinstance(spec, dict) and ":" in str(spec.get("custom") or ""):
                 raise _bad(f"data.{split}.{i}.custom", "this server does not import code named by a request (module:attr); "
                                                        "use a path to a data file in your workspace")
+    grpo = cfg.get("grpo")
+    for i, reward in enumerate((grpo.get("rewards") if isinstance(grpo, dict) else None) or []):
+        if isinstance(reward, dict) and reward.get("type") == "function":
+            raise _bad(f"grpo.rewards.{i}.function", "this server does not import code named by a request (module:function); "
+                                                     "use a built-in reward (exact_match, regex, json, json_schema, math, length)")
     run_dir = _server_places(cfg, user, run_id, data_dir, workspace)
     checked = validate_config(cfg, "config")
     rooms = policy.rooms(data_dir, user)
