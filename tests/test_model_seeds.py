@@ -54,7 +54,8 @@ def test_moe_experts_are_stored_in_4_bits_and_compute_on_them(mixtral_dir):
     full.train()
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, full(input_ids=ids).logits)
+        # Equal up to float summation order (the 4-bit path de-quantizes then runs its own matmul; thread counts vary).
+        torch.testing.assert_close(model(input_ids=ids).logits, full(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
 def test_moe_qlora_step_has_lora_gradients_and_frozen_experts(mixtral_dir, tokenizer):

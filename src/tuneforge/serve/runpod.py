@@ -71,8 +71,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     workspace, rooms = root / "users" / user, GuestPolicy().rooms(root, user)
     for room in (workspace / ".tmp", *rooms.writable):
         room.mkdir(parents=True, exist_ok=True)
-    env = job_env(workspace, folder, spec.credentials)
-    env["TUNEFORGE_JOB_ROOMS"] = rooms.to_json()
+    env = job_env(workspace, folder, spec.credentials, rooms)
     if (cfg.get("tracking") or {}).get("wandb") and not env.get("WANDB_API_KEY"):
         env.setdefault("WANDB_MODE", "offline")
     log = folder / "log.txt"

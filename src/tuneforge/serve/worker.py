@@ -270,8 +270,8 @@ class Worker:
         rooms = self.guest.rooms(self.store.data_dir, job.user)
         for folder_ in (workspace / ".tmp", *rooms.writable):
             folder_.mkdir(parents=True, exist_ok=True)
-        env = job_env(workspace, folder, self.credentials.get(job.id, {}), rooms.writable[0] / "hub")
-        env.update({"TUNEFORGE_JOB_ID": job.id, "TUNEFORGE_JOB_ROOMS": rooms.to_json()})
+        env = job_env(workspace, folder, self.credentials.get(job.id, {}), rooms)
+        env["TUNEFORGE_JOB_ID"] = job.id
         tracking = config_of(job).get("tracking") or {}
         if tracking.get("wandb") and not env.get("WANDB_API_KEY"):
             env["WANDB_MODE"] = "offline"  # no key sent: W&B logs into the run, syncable later
@@ -345,16 +345,18 @@ class Worker:
 
 
 # ---- the guest's environment, sandbox and disk -----------------------------------------------------------
-def job_env(workspace: Path, job_folder: Path, credentials: dict[str, str], hub_cache: Path) -> dict[str, str]:
-    """The child's whole environment: the allowlist, the job's own credentials, and the workspace as its home."""
+def job_env(workspace: Path, job_folder: Path, credentials: dict[str, str], rooms) -> dict[str, str]:
+    """The child's whole environment: the allowlist, the job's own credentials, the workspace as its home, and
+    its rooms (config/confine.py Rooms: the child checks its own paths against them)."""
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
     env.update(credentials)
     env.update({
         "HOME": str(workspace), "TMPDIR": str(workspace / ".tmp"),  # no files shared with other users' jobs
         # Downloads go to the user's own cache: a private model fetched with one user's token is no one else's.
-        "HF_HUB_CACHE": str(hub_cache),
+        "HF_HUB_CACHE": str(rooms.writable[0] / "hub"),
         "HF_TOKEN_PATH": str(job_folder / "no-hf-token"),  # never the operator's `huggingface-cli login` token
-        "TUNEFORGE_JOB": "1", "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "120",
+        "TUNEFORGE_JOB": "1", "TUNEFORGE_JOB_ROOMS": rooms.to_json(),
+        "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "120",
     })
     return env
 
