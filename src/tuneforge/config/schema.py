@@ -607,8 +607,6 @@ class Config(Section):
             raise ValueError("lora.init_from needs train.finetune: lora")
         if self.preference.reference == "adapter_disabled" and self.train.finetune != "lora":
             raise ValueError("preference.reference: adapter_disabled needs train.finetune: lora (use frozen_copy or precomputed)")
-        if self.preference.reference == "adapter_disabled" and self.train.finetune != "lora":
-            raise ValueError("preference.reference: adapter_disabled needs train.finetune: lora (use frozen_copy or precomputed)")
         if self.data.clean.max_per_cluster and not self.data.clean.clusters:
             raise ValueError("data.clean.max_per_cluster needs data.clean.clusters (the number of clusters)")
         return self
