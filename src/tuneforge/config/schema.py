@@ -544,12 +544,12 @@ class ExportConfig(Section):
 class Config(Section):
     """A tuneforge run: model, data, train, adapter, output, tracking."""
 
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    model: ModelConfig = Field(description="The base model: hub id or local folder, dtype, quantization, tokenizer.")
+    data: DataConfig = Field(description="Training and eval datasets, their formats, cleaning, packing and lengths.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training method and loop: steps, batch, optimizer, schedule, saves, evals.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (train.finetune lora).")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run folder goes and whether it may be overwritten.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment trackers (MLflow, W&B) the run logs to.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference-training parameters (train.method dpo, orpo, simpo, kto).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="After a finished run: merge, GPTQ-quantize, push to the hub.")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="Online RL parameters (train.method grpo): rewards, sampling, clipping, loss normalisation.")
