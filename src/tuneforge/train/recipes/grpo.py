@@ -192,7 +192,7 @@ class GRPORecipe:
         micro = sb.micro[0]
         # Rows: each prompt's group adjacent, as the advantages assume.
         rows = [(p, u, k) for p, u in zip(micro.items, micro.units) for k in range(g.num_generations)]
-        model = ctx.accel.unwrap_model(ctx.model)
+        model = ctx.plain_model
         began = time.perf_counter()
         # All of this process's completions in one generate call (as TRL); each row draws from its own generator.
         sampler = SeededSampler([sample_seed(t.seed, round_, u, k) for _, u, k in rows], g.temperature, g.top_k, g.top_p)
@@ -235,7 +235,7 @@ class GRPORecipe:
         from tuneforge.train.core.step import eval_mode
 
         ctx = self.ctx
-        model = ctx.accel.unwrap_model(ctx.model)
+        model = ctx.plain_model
         for b in batches:
             on = pairs.to_device(b, ctx.accel.device)
             with eval_mode(ctx.model), ctx.accel.autocast():
@@ -325,12 +325,11 @@ class GRPORecipe:
         ctx = self.ctx
         if not self.eval_prompts:
             return {}
-        model = ctx.accel.unwrap_model(ctx.model)
+        model = ctx.plain_model
         k = len(self.rewards)
         sums = torch.zeros(k + 2, dtype=torch.float64)  # weighted total, per reward, count
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
-        t = ctx.cfg.train
-        for mb in eval_batches(self.eval_prompts, t.eval_micro_batch_size or t.micro_batch_size, ctx.accel.process_index, ctx.accel.num_processes):
+        for mb in eval_batches(self.eval_prompts, ctx.eval_batch_size, ctx.accel.process_index, ctx.accel.num_processes):
             if mb.dummy:
                 continue
             with eval_mode(ctx.model), ctx.accel.autocast():
