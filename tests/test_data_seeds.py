@@ -208,7 +208,7 @@ def test_prepare_push_to_a_hub_dataset_and_without_network(tmp_path, llama_dir, 
     assert "path: train.jsonl" in card and "split: validation" in card and f"train.jsonl: {report['train_samples']} rows" in card
 
     offline = run_cli("prepare", cfg, "--push-to", "tester/reverse-data", env={**fake_hub.env(), "HF_ENDPOINT": "http://127.0.0.1:9"})
-    assert_user_error(offline, "--push-to tester/reverse-data", "cannot be reached", "files stay in")
+    assert_user_error(offline, "--push-to tester/reverse-data", "cannot reach the Hugging Face Hub", "files stay in")
     assert_user_error(run_cli("prepare", cfg, "--push-to", "tester/reverse-data"), "HF_HUB_OFFLINE")  # said before any work
 
 

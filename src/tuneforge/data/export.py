@@ -112,49 +112,18 @@ def card(manifest: dict) -> str:
 
 def check_push(repo: str) -> None:
     """What can be known before preparing: a valid repo id, a token, not offline."""
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from tuneforge.hub import check_ready
 
-    try:
-        validate_repo_id(repo)
-    except HFValidationError as exc:
-        raise UserError(f"--push-to {repo!r}: not a Hub repo id ({str(exc).splitlines()[0][:160]}) (write OWNER/NAME)") from None
-    if constants.is_offline_mode():
-        raise UserError(f"--push-to {repo}: HF_HUB_OFFLINE is set (unset it to push, or drop --push-to)")
-    if get_token() is None:
-        raise UserError(f"--push-to {repo}: no Hugging Face token (set HF_TOKEN in the environment or .env, or run `hf auth login`)")
+    check_ready(f"--push-to {repo}", repo, ", or drop --push-to")
 
 
 def push(folder: Path, repo: str, private: bool = False, log: Callable[[str], None] = print) -> dict:
     """One commit of the exported files + card to the dataset repo `repo`. Hub and network failures are one line."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from tuneforge.hub import upload
 
     check_push(repo)
     manifest = json.loads((folder / MANIFEST).read_text())
-    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in (*FILES, MANIFEST)]
-    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card(manifest).encode("utf-8")))
-    log(f"uploading {len(ops)} files from {folder} to the dataset repo {repo}")
-    try:
-        api = HfApi()
-        url = api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
-        api.create_commit(repo, repo_type="dataset", operations=ops, commit_message="tuneforge prepare: cleaned and split data")
-    except Exception as exc:  # noqa: BLE001 - only the Hub's and the network's failures become one line
-        message = hub_problem(exc)
-        if message is None:
-            raise
-        raise UserError(f"--push-to {repo}: {message} (the files stay in {folder}; push again when it is fixed)") from None
-    return {"repo": repo, "url": str(url), "files": sorted(op.path_in_repo for op in ops)}
-
-
-def hub_problem(exc: BaseException) -> str | None:
-    """What went wrong talking to the Hub, in one line, or None for anything else (a bug keeps its traceback)."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-    if isinstance(exc, OfflineModeIsEnabled):
-        return "HF_HUB_OFFLINE is set (unset it to push)"
-    if isinstance(exc, HfHubHTTPError):
-        return f"the Hub refused the request ({first})"
-    network = isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.split(".")[0].startswith(("httpx", "httpcore", "requests", "urllib3"))
-    return f"the Hub cannot be reached ({first or type(exc).__name__}) (check the network or HF_ENDPOINT)" if network else None
+    files: dict = {name: folder / name for name in (*FILES, MANIFEST)}
+    files["README.md"] = card(manifest).encode("utf-8")
+    return upload(f"--push-to {repo}", repo, folder, files, "tuneforge prepare: cleaned and split data",
+                  f"the files stay in {folder}; push again when it is fixed", repo_type="dataset", private=private, log=log)

@@ -31,14 +31,9 @@ def check(cfg) -> None:
             raise UserError(f"export.quantize.calibration: {e.quantize.calibration}: file not found (give a jsonl/json/csv/parquet "
                             "of chat or prompt/completion rows, or remove it to calibrate on the run's own data)")
     if e.hub_repo:
-        from huggingface_hub import constants, get_token
+        from tuneforge.hub import check_ready
 
-        if constants.is_offline_mode():
-            raise UserError(f"export.hub_repo: HF_HUB_OFFLINE is set, so the push to {e.hub_repo} after training could not "
-                            "happen (unset HF_HUB_OFFLINE, or remove export.hub_repo)")
-        if get_token() is None:
-            raise UserError(f"export.hub_repo: no Hugging Face token to push to {e.hub_repo} after training (set HF_TOKEN in "
-                            "the environment or .env, or run `hf auth login`)")
+        check_ready("export.hub_repo", e.hub_repo, ", or remove export.hub_repo")
 
 
 def planned(cfg) -> list[str]:

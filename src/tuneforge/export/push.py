@@ -67,43 +67,11 @@ def upload_plan(run_dir: Path, what: str) -> tuple[Path, list[Path], str]:
 
 
 def push(run_dir: str, repo: str, what: str = "adapter", private: bool = False, log=print) -> dict:
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+    from tuneforge.hub import check_ready, upload
 
     folder, files, card = upload_plan(Path(run_dir), what)
-    if get_token() is None:
-        raise UserError("push: no Hugging Face token (set HF_TOKEN in the environment or .env, or run `hf auth login`)")
-    api = HfApi()
-    ops = [CommitOperationAdd(path_in_repo=str(f.relative_to(folder)), path_or_fileobj=str(f)) for f in files]
-    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-    try:
-        url = api.create_repo(repo, private=private, exist_ok=True)
-        log(f"uploading {len(ops)} files from {folder} to {repo}")
-        commit = api.create_commit(repo, operations=ops, commit_message=f"tuneforge push: {what} from {Path(run_dir).resolve().name}")
-    except Exception as exc:  # noqa: BLE001 - network and hub refusals become one line; anything else re-raises
-        message = hub_failure(exc, api.endpoint or constants.ENDPOINT, repo)
-        if message is None:
-            raise
-        raise UserError(message) from None
-    return {"repo": repo, "url": str(url), "files": sorted(op.path_in_repo for op in ops), "commit": commit.oid}
-
-
-def hub_failure(exc: BaseException, endpoint: str, repo: str) -> str | None:
-    """One line for a push the network or the hub stopped (nothing local is touched by a push), else None."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    if isinstance(exc, OfflineModeIsEnabled):
-        return f"push: HF_HUB_OFFLINE is set, so nothing can be uploaded to {endpoint} (unset HF_HUB_OFFLINE to push)"
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        status = exc.response.status_code
-        if status in (401, 403):
-            return (f"push: {endpoint} refused the token for {repo} (HTTP {status}) (set HF_TOKEN to a token with write "
-                    f"access to {repo.split('/')[0]})")
-        first = (str(exc).splitlines() or [""])[0][:200]
-        return f"push: {endpoint} answered HTTP {status} for {repo}: {first} (check the repo id and your access, then push again)"
-    # huggingface_hub's HTTP client raises its transport's own errors (connection refused, DNS, timeout): matched by
-    # their common base name, since that client is huggingface_hub's dependency, not ours.
-    if isinstance(exc, OSError) or any(c.__name__ in ("TransportError", "TimeoutException") for c in type(exc).__mro__):
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
-        return (f"push: cannot reach the Hugging Face Hub at {endpoint} ({reason}) (check the network or proxy, or set "
-                f"HF_ENDPOINT to a reachable hub; the run is unchanged, push again when it is back)")
-    return None
+    check_ready("push", repo)
+    contents: dict = {str(f.relative_to(folder)): f for f in files}
+    contents["README.md"] = card.encode("utf-8")
+    return upload("push", repo, folder, contents, f"tuneforge push: {what} from {Path(run_dir).resolve().name}",
+                  "the run is unchanged; push again when it is fixed", private=private, log=log)
