@@ -62,12 +62,12 @@ def is_current(folder: Path, fingerprint: str) -> bool:
 
 def write(folder: Path, fingerprint: str, parts: dict[str, list], report: dict, log: Callable[[str], None]) -> dict:
     """parts: {"cleaned": items, "train": items, "val": items} -> the files; returns the manifest."""
-    from tuneforge.progress import phase
+    from tuneforge.data.prepare import progress
 
     folder.mkdir(parents=True, exist_ok=True)
     counts = {}
     total = sum(len(items) for items in parts.values())
-    with phase("write jsonl", total, log=log) if total >= 10_000 else _quiet() as p:
+    with progress("write jsonl", total, log) as p:
         for name, items in parts.items():
             tmp = folder / f"{name}.jsonl.tmp"
             with tmp.open("w", encoding="utf-8") as f:
@@ -82,14 +82,6 @@ def write(folder: Path, fingerprint: str, parts: dict[str, list], report: dict, 
     log(f"data written: {folder}/cleaned.jsonl ({counts['cleaned']} rows), train.jsonl ({counts['train']}), "
         f"val.jsonl ({counts['val']})")
     return manifest
-
-
-def _quiet():
-    from contextlib import nullcontext
-
-    from tuneforge.progress import Phase
-
-    return nullcontext(Phase("", None, lambda *_: None, float("inf")))
 
 
 def card(manifest: dict) -> str:
