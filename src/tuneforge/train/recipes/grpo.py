@@ -151,6 +151,7 @@ class GRPORecipe:
         self.unit = UNITS[g.loss_type]
         self.prompts, self.eval_prompts = ctx.data.train, ctx.data.eval
         self.rewards = build(g.rewards, g.max_completion_length)
+        self.weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
         self.stop_ids = stop_token_ids(ctx.tokenizer)
         self.pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.rollout: dict | None = None  # {"round": r, "micro": [batch on CPU], "metrics": {...}}
@@ -186,7 +187,6 @@ class GRPORecipe:
 
     def _rollout(self, sb, round_: int) -> dict:
         from tuneforge.train.core.step import eval_mode
-        from tuneforge.train.recipes.grpo_rewards import score
 
         ctx, g, t = self.ctx, self.g, self.ctx.cfg.train
         micro = sb.micro[0]
@@ -199,17 +199,14 @@ class GRPORecipe:
         with eval_mode(ctx.model), ctx.accel.autocast():
             completions = generate(model, [p.prompt_ids for p, _, _ in rows], g.max_completion_length, self.stop_ids, self.pad_id, sampler)
         gen_seconds = time.perf_counter() - began
-        texts = ctx.tokenizer.batch_decode(completions, skip_special_tokens=True)
         prompts = [p for p, _, _ in rows]
-        per_func = torch.tensor(score(self.rewards, texts, completions, [p.messages for p in prompts],
-                                      [p.columns for p in prompts], [p.where for p in prompts]), dtype=torch.float64)
+        texts, per_func = self._score(prompts, completions)
         truncated = [not c or c[-1] not in self.stop_ids for c in completions]
-        local = torch.cat([per_func.reshape(len(rows), -1),
+        local = torch.cat([per_func,
                            torch.tensor([[len(c), tr] for c, tr in zip(completions, truncated)], dtype=torch.float64)], dim=1)
         everyone = ctx.accel.gather(local.to(ctx.accel.device)).cpu()  # (all completions, rewards + 2), rank order
-        k = len(self.rewards)
-        weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
-        advantages = gl.group_advantages(gl.combine_rewards(everyone[:, :k], weights), g.num_generations, g.scale_rewards)
+        total = gl.combine_rewards(everyone[:, : len(self.rewards)], self.weights)
+        advantages = gl.group_advantages(total, g.num_generations, g.scale_rewards)
         rank = ctx.accel.process_index
         mine = advantages[rank * len(rows) : (rank + 1) * len(rows)].float()
         seqs = [Completion(p.prompt_ids, c, g.mask_truncated_completions and tr) for p, c, tr in zip(prompts, completions, truncated)]
@@ -222,11 +219,20 @@ class GRPORecipe:
             b["n_tokens"] = torch.tensor(int((b["seq"] >= 0).sum()))
             batches.append(b)
         self._policy_logps(batches)
-        metrics = self._round_metrics(everyone, gen_seconds)
+        metrics = self._round_metrics(everyone, total, gen_seconds)
         self._step_scale(batches)
         if ctx.accel.is_main_process and g.log_samples:
             self._write_samples(sb.step, prompts, texts, per_func, mine)
         return {"round": round_, "micro": batches, "metrics": metrics, "completions": len(everyone)}
+
+    def _score(self, prompts: list, completions: list[list[int]]) -> tuple[list[str], torch.Tensor]:
+        """-> (the decoded completions, their (N, K) rewards; NaN where a reward does not apply)."""
+        from tuneforge.train.recipes.grpo_rewards import score
+
+        texts = self.ctx.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        values = score(self.rewards, texts, completions, [p.messages for p in prompts], [p.columns for p in prompts],
+                       [p.where for p in prompts])
+        return texts, torch.tensor(values, dtype=torch.float64).reshape(len(completions), len(self.rewards))
 
     @torch.no_grad()
     def _policy_logps(self, batches: list[dict]) -> None:
@@ -288,12 +294,11 @@ class GRPORecipe:
         m.setdefault("completions", self.rollout["completions"])
         return m
 
-    def _round_metrics(self, everyone: torch.Tensor, gen_seconds: float) -> dict:
-        """Over all processes' completions of the round: reward mean/std (total and per reward), completion
-        length, the share truncated, the share of groups whose rewards are all equal (no signal), generation tokens/s."""
+    def _round_metrics(self, everyone: torch.Tensor, total: torch.Tensor, gen_seconds: float) -> dict:
+        """Over all processes' completions of the round (`total`: their weighted rewards): reward mean/std (total and
+        per reward), completion length, the share truncated, the share of groups whose rewards are all equal (no
+        signal), generation tokens/s."""
         k, g = len(self.rewards), self.g
-        weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
-        total = gl.combine_rewards(everyone[:, :k], weights)
         lengths, truncated = everyone[:, k], everyone[:, k + 1]
         out = {"reward": _num(torch.nanmean(total)), "reward_std": _num(gl.nanstd(total))}
         for i, r in enumerate(self.rewards):
@@ -320,7 +325,6 @@ class GRPORecipe:
         {"eval_reward", "eval_rewards/<name>"}; {} without held-out prompts."""
         from tuneforge.data.batcher import eval_batches
         from tuneforge.train.core.step import eval_mode
-        from tuneforge.train.recipes.grpo_rewards import score
 
         ctx = self.ctx
         if not self.eval_prompts:
@@ -328,16 +332,13 @@ class GRPORecipe:
         model = ctx.plain_model
         k = len(self.rewards)
         sums = torch.zeros(k + 2, dtype=torch.float64)  # weighted total, per reward, count
-        weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
         for mb in eval_batches(self.eval_prompts, ctx.eval_batch_size, ctx.accel.process_index, ctx.accel.num_processes):
             if mb.dummy:
                 continue
             with eval_mode(ctx.model), ctx.accel.autocast():
                 ids = generate(model, [p.prompt_ids for p in mb.items], self.g.max_completion_length, self.stop_ids, self.pad_id)
-            texts = ctx.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            values = torch.tensor(score(self.rewards, texts, ids, [p.messages for p in mb.items], [p.columns for p in mb.items],
-                                        [p.where for p in mb.items]), dtype=torch.float64).reshape(len(ids), k)
-            sums += torch.cat([gl.combine_rewards(values, weights).nan_to_num().sum()[None], values.nan_to_num().sum(0),
+            _, values = self._score(mb.items, ids)
+            sums += torch.cat([gl.combine_rewards(values, self.weights).nan_to_num().sum()[None], values.nan_to_num().sum(0),
                                torch.tensor([float(len(ids))], dtype=torch.float64)])
         total = ctx.accel.reduce(sums.to(ctx.accel.device), reduction="sum").cpu()
         n = max(float(total[-1]), 1.0)
