@@ -48,9 +48,6 @@ def lm_eval_scores(model, tokenizer, tasks: list[str], manager, limit: int | Non
             for key, value in metrics.items() if isinstance(value, (int, float)) and "_stderr" not in key}
 
 
-GENERATE_BATCH = 8  # generate_batch's own default
-
-
 def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None, log=print, lm_eval: list[str] | None = None,
              lm_eval_include: str | None = None, lm_eval_limit: int | None = None, lm_eval_chat: bool = True) -> dict:
     import yaml
@@ -90,12 +87,8 @@ def evaluate(run_dir: str, max_new_tokens: int = 64, samples: int | None = None,
         total, count = target_loss(model, items)
         out = {"eval_loss": total / max(1, count), "perplexity": math.exp(total / max(1, count))}
         progress.advance(len(items))
-        answers = []
-        for i in range(0, len(prompts), GENERATE_BATCH):  # a batch at a time: progress shows while answers are generated
-            answers += generate_batch(model, tokenizer, prompts[i:i + GENERATE_BATCH], max_new_tokens, batch_size=GENERATE_BATCH)
-            progress.advance(len(prompts[i:i + GENERATE_BATCH]))
         if prompts:
-            out.update(score(answers, refs, metric))
+            out.update(score(generate_batch(model, tokenizer, prompts, max_new_tokens, done=progress.advance), refs, metric))
         if lm_eval:  # the fine-tuned model was trained on chat turns: by default lm-eval renders through its template
             out.update(lm_eval_scores(model, tokenizer, lm_eval, manager, lm_eval_limit, lm_eval_chat))
         return out

@@ -64,13 +64,9 @@ def predict(path: str, data: Path, out: Path | None = None, max_new_tokens: int 
     from tuneforge.progress import phase
 
     log(f"predicting {len(rows)} rows on {next(model.parameters()).device} (batch {batch_size})")
-    preds: list[str] = []
-    with phase("predict", total=len(rows), log=log) as progress:  # one batch at a time: a line every ~10 s when piped
-        for i in range(0, len(rows), batch_size):
-            chunk = [r["messages"] for r in rows[i:i + batch_size]]
-            preds += generate_batch(model, tokenizer, chunk, max_new_tokens, batch_size=batch_size,
-                                    temperature=temperature, top_p=top_p if temperature else None)
-            progress.advance(len(chunk))
+    with phase("predict", total=len(rows), log=log) as progress:  # counted per batch: a line every ~10 s when piped
+        preds = generate_batch(model, tokenizer, [r["messages"] for r in rows], max_new_tokens, batch_size=batch_size,
+                               done=progress.advance, temperature=temperature, top_p=top_p if temperature else None)
     with_ref = [(r, p) for r, p in zip(rows, preds) if r["reference"] is not None]
     metrics = {"rows": len(rows), "with_reference": len(with_ref)}
     if with_ref:

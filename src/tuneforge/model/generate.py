@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from tuneforge.data.templates import stop_token_ids
@@ -13,8 +15,10 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8, **sampling) -> list[str]:
-    """Answer each conversation (ending in a user turn). Returns the decoded replies, stop tokens removed."""
+def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
+                   done: Callable[[int], None] | None = None, **sampling) -> list[str]:
+    """Answer each conversation (ending in a user turn). Returns the decoded replies, stop tokens removed.
+    `done(n)` is called after each batch of n answers (a progress counter's advance)."""
     was_training = model.training
     model.eval()
     stops = stop_token_ids(tokenizer)
@@ -31,5 +35,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
             pad_token_id=pad, do_sample=bool(sampling.get("temperature")), **{k: v for k, v in sampling.items() if v},
         )
         replies += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        if done is not None:
+            done(len(prompts))
     model.train(was_training)
     return replies
