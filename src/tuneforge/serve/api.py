@@ -27,19 +27,13 @@ from tuneforge.rundir import RunDir
 from tuneforge.serve.auth import user_for
 from tuneforge.serve.limits import PAGE_MAX, Limits, Redactor, check_artifact_path, check_depth, check_job
 from tuneforge.serve.paths import inside
-from tuneforge.serve.schema import CredentialsRequest, RequestError, parse_request, pydantic_errors, validate_config
+from tuneforge.serve.schema import CredentialsRequest, RequestError, parse_request, pydantic_errors, refuse, validate_config
 from tuneforge.serve.store import (
     CANCELLED, NEEDS_CREDENTIALS, QUEUED, RUNNING, TERMINAL, Job, QuotaExceeded, Store,
 )
 from tuneforge.serve.worker import Worker, has_checkpoint, log_path, read_run_info
 
 log = logging.getLogger("tuneforge.serve")
-
-
-def _error(status: int, loc: str, msg: str, headers: dict | None = None) -> RequestError:
-    err = RequestError(status, [{"loc": loc, "msg": msg}])
-    err.headers = headers or {}
-    return err
 
 
 class BodyLimit:
@@ -89,7 +83,7 @@ DOCS_CSP = ("default-src 'none'; script-src https://cdn.jsdelivr.net 'unsafe-inl
 
 
 def quota_error(most: int) -> RequestError:
-    return _error(429, "jobs", f"you already have {most} unfinished jobs (queued or running), the most this server "
+    return refuse(429, "jobs", f"you already have {most} unfinished jobs (queued or running), the most this server "
                   "allows per user: wait for one to end or cancel one", {"Retry-After": "60"})
 
 
@@ -152,7 +146,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
 
     @app.exception_handler(RequestError)
     async def _request_error(_req, exc: RequestError):
-        return JSONResponse({"detail": exc.errors}, status_code=exc.status, headers=getattr(exc, "headers", None) or {})
+        return JSONResponse({"detail": exc.errors}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req, exc: RequestValidationError):
@@ -174,14 +168,14 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
     def current_user(request: Request) -> str:
         user = user_for(store, request.headers.get("authorization"))
         if user is None:
-            raise _error(401, "authorization", "missing, unknown, revoked or expired bearer token (tuneforge serve token create --user NAME)",
+            raise refuse(401, "authorization", "missing, unknown, revoked or expired bearer token (tuneforge serve token create --user NAME)",
                          {"WWW-Authenticate": "Bearer"})
         return user
 
     def own_job(job_id: str, user: str) -> Job:
         job = store.get(job_id) if len(job_id) <= 32 else None
         if job is None or job.user != user:
-            raise _error(404, "job_id", f"no job {job_id[:40]!r}")
+            raise refuse(404, "job_id", f"no job {job_id[:40]!r}")
         return job
 
     def shown(job: Job) -> dict[str, Any]:
@@ -196,7 +190,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as exc:
-            raise _error(400, "body", f"not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]})") from None
+            raise refuse(400, "body", f"not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]})") from None
         check_depth(body)
         if store.unfinished(user) >= limits.max_jobs:  # cheap first refusal: a flood costs no validation
             raise quota_error(limits.max_jobs)
@@ -205,7 +199,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
         from tuneforge.serve.paths import confine
 
         if store.run_id_taken(user, run_id):
-            raise _error(409, "run_id", f"run_id {run_id!r} is already used by one of your jobs: choose another")
+            raise refuse(409, "run_id", f"run_id {run_id!r} is already used by one of your jobs: choose another")
         cfg, run_dir = confine(spec.config, user, run_id, store.data_dir, worker.guest, spec.credentials)
         validate_config(cfg, "config")
         await run_in_threadpool(check_job, cfg, limits, store.data_dir)  # may count dataset lines: off the event loop
@@ -254,7 +248,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
     def cancel(job_id: str, user: str = Depends(current_user)) -> dict[str, Any]:
         job = own_job(job_id, user)
         if job.status in TERMINAL:
-            raise _error(409, "job_id", f"job {job_id} already ended ({job.status})")
+            raise refuse(409, "job_id", f"job {job_id} already ended ({job.status})")
         if store.set(job.id, (QUEUED, NEEDS_CREDENTIALS), status=CANCELLED, reason="cancelled by the user before it started",
                      ended_at=time.time(), cancel_requested=True):
             worker.credentials.pop(job.id, None)
@@ -272,7 +266,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
         except ValidationError as exc:
             raise RequestError(422, pydantic_errors(exc)) from None
         if job.status in TERMINAL or job.status == RUNNING:
-            raise _error(409, "job_id", f"job {job_id} is {job.status}: credentials can only be given to a waiting job")
+            raise refuse(409, "job_id", f"job {job_id} is {job.status}: credentials can only be given to a waiting job")
         worker.credentials[job.id] = creds
         store.set(job.id, (NEEDS_CREDENTIALS, QUEUED), status=QUEUED, needs_credentials=bool(creds),
                   credential_names=",".join(sorted(creds)), reason=None)
@@ -290,9 +284,9 @@ def create_app(data_dir: str | Path, db_url: str | None = None, concurrency: int
         root = Path(job.run_dir)
         target = root / path
         if ".." in Path(path).parts or path.startswith("/") or not inside(target, root):
-            raise _error(400, "path", f"{path!r}: artifact paths stay inside the run directory")
+            raise refuse(400, "path", f"{path!r}: artifact paths stay inside the run directory")
         if not target.is_file():
-            raise _error(404, "path", f"no artifact {path!r}")
+            raise refuse(404, "path", f"no artifact {path!r}")
         return FileResponse(target, filename=target.name)
 
     @app.get("/healthz")

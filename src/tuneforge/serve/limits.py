@@ -18,7 +18,7 @@ from typing import Any
 
 from tuneforge.errors import UserError
 from tuneforge.serve.paths import DEFAULT_DISK_QUOTA
-from tuneforge.serve.schema import RequestError
+from tuneforge.serve.schema import refuse
 
 MAX_JSON_DEPTH = 32  # a real config nests about 6 deep; 400+ crashed the worker's YAML/JSON writers
 PAGE_MAX = 200
@@ -32,10 +32,6 @@ class Limits:
     max_num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)
     page_size: int = 50  # GET /v1/jobs without ?limit=
     disk_quota: int | None = DEFAULT_DISK_QUOTA  # bytes per user (enforced by the worker); None: no quota
-
-
-def refuse(status: int, loc: str, msg: str) -> RequestError:
-    return RequestError(status, [{"loc": loc, "msg": msg}])
 
 
 def check_depth(obj: Any, limit: int = MAX_JSON_DEPTH) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tuneforge.config.confine import GuestError, Rooms, confine_config, refuse_variables
-from tuneforge.serve.schema import NAME, RequestError, validate_config
+from tuneforge.serve.schema import NAME, refuse, validate_config
 
 DEFAULT_DISK_QUOTA = 20 << 30  # bytes per user (workspace + data cache, checkpoints included)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.load runs code from these
@@ -55,18 +55,14 @@ def wandb_url() -> str:
     return os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
 
 
-def _bad(loc: str, msg: str, status: int = 400) -> RequestError:
-    return RequestError(status, [{"loc": loc, "msg": msg}])
-
-
 def check_relative(value: str, loc: str) -> PurePosixPath:
     if not isinstance(value, str) or not value.strip():
-        raise _bad(loc, "expected a non-empty relative path")
+        raise refuse(400, loc, "expected a non-empty relative path")
     p = PurePosixPath(value.replace("\\", "/"))
     if value.startswith(("/", "~")) or p.is_absolute() or re.match(r"^[A-Za-z]:", value):
-        raise _bad(loc, f"{value!r}: absolute paths are not allowed; give a path relative to your workspace")
+        raise refuse(400, loc, f"{value!r}: absolute paths are not allowed; give a path relative to your workspace")
     if ".." in p.parts:
-        raise _bad(loc, f"{value!r}: '..' is not allowed; paths stay inside your workspace")
+        raise refuse(400, loc, f"{value!r}: '..' is not allowed; paths stay inside your workspace")
     return p
 
 
@@ -83,28 +79,28 @@ def confine(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path, policy:
     """Check a job's config against its user's workspace; returns it with the paths it runs with, and its run dir."""
     policy = policy or GuestPolicy()
     if not re.match(NAME, run_id or ""):
-        raise _bad("run_id", f"{run_id!r}: use 1-64 letters, digits, '.', '_' or '-' (no '/' or '..')")
+        raise refuse(400, "run_id", f"{run_id!r}: use 1-64 letters, digits, '.', '_' or '-' (no '/' or '..')")
     workspace = data_dir / "users" / user
     workspace.mkdir(parents=True, exist_ok=True)
     try:
         refuse_variables(cfg)
     except GuestError as exc:
-        raise _bad(exc.loc, exc.msg, exc.status) from None
+        raise refuse(exc.status, exc.loc, exc.msg) from None
     model, data = cfg.get("model") or {}, cfg.get("data") or {}
     if (model.get("trust_remote_code") if isinstance(model, dict) else False):
-        raise _bad("model.trust_remote_code", "this server does not run code shipped with a model")
+        raise refuse(400, "model.trust_remote_code", "this server does not run code shipped with a model")
     if isinstance(data, dict) and data.get("allow_code"):
-        raise _bad("data.allow_code", "this server does not import code named by a request")
+        raise refuse(400, "data.allow_code", "this server does not import code named by a request")
     for split in ("train", "eval"):
         specs = data.get(split) if isinstance(data, dict) else None
         for i, spec in enumerate(specs if isinstance(specs, list) else []):
             if isinstance(spec, dict) and ":" in str(spec.get("custom") or ""):
-                raise _bad(f"data.{split}.{i}.custom", "this server does not import code named by a request (module:attr); "
+                raise refuse(400, f"data.{split}.{i}.custom", "this server does not import code named by a request (module:attr); "
                                                        "use a path to a data file in your workspace")
     grpo = cfg.get("grpo")
     for i, reward in enumerate((grpo.get("rewards") if isinstance(grpo, dict) else None) or []):
         if isinstance(reward, dict) and reward.get("type") == "function":
-            raise _bad(f"grpo.rewards.{i}.function", "this server does not import code named by a request (module:function); "
+            raise refuse(400, f"grpo.rewards.{i}.function", "this server does not import code named by a request (module:function); "
                                                      "use a built-in reward (exact_match, regex, json, json_schema, math, length)")
     run_dir = _server_places(cfg, user, run_id, data_dir, workspace)
     checked = validate_config(cfg, "config")
@@ -112,14 +108,14 @@ def confine(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path, policy:
     try:
         resolved = confine_config(checked, rooms)
     except GuestError as exc:
-        raise _bad(exc.loc, exc.msg, exc.status) from None
+        raise refuse(exc.status, exc.loc, exc.msg) from None
     for slot, value in resolved:
         if slot.marker.role == "read":
             refuse_pickle(slot.dotted, value)
         _set_in(cfg, slot.loc, value)
     if checked.tracking.wandb is not None and (credentials or {}).get("WANDB_API_KEY") and wandb_url() not in policy.trackers:
-        raise _bad("tracking.wandb", f"a W&B key was given, so the job would contact {wandb_url()}; this server contacts "
-                                     "only trackers its operator allows (serve --allow-tracker), or drop the key to log offline", 422)
+        raise refuse(422, "tracking.wandb", f"a W&B key was given, so the job would contact {wandb_url()}; this server contacts "
+                                     "only trackers its operator allows (serve --allow-tracker), or drop the key to log offline")
     return cfg, run_dir
 
 
@@ -132,11 +128,11 @@ def _server_places(cfg: dict[str, Any], user: str, run_id: str, data_dir: Path, 
         data["cache_dir"] = str(data_dir / "cache" / user)
     output = cfg.setdefault("output", {})
     if not isinstance(output, dict):
-        raise _bad("output", "expected a mapping")
+        raise refuse(400, "output", "expected a mapping")
     sub = check_relative(str(output.get("dir") or "run"), "output.dir")
     run_dir = (workspace / "runs" / run_id / sub).resolve()
     if not inside(run_dir, workspace):
-        raise _bad("output.dir", "the run directory must stay inside your workspace")
+        raise refuse(400, "output.dir", "the run directory must stay inside your workspace")
     output["dir"] = str(run_dir)
     return run_dir
 
@@ -147,15 +143,15 @@ def refuse_pickle(name: str, value: str) -> None:
     if not p.is_absolute():
         return  # no such file in the workspace: a hub id
     if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES):
-        raise _bad(name, f"{p.name} is a pickle file, which runs code when loaded: this server takes weights as "
-                         ".safetensors only (convert it, e.g. save_pretrained(safe_serialization=True))", 422)
+        raise refuse(422, name, f"{p.name} is a pickle file, which runs code when loaded: this server takes weights as "
+                         ".safetensors only (convert it, e.g. save_pretrained(safe_serialization=True))")
     if p.is_dir():
         names = [c.name for c in p.iterdir() if c.is_file()]
         pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES) and not n.startswith("training_args")]
         if pickles and not any(n.endswith(".safetensors") for n in names):
-            raise _bad(name, f"{pickles[0]} is a pickle file, which runs code when loaded, and there are no .safetensors "
+            raise refuse(422, name, f"{pickles[0]} is a pickle file, which runs code when loaded, and there are no .safetensors "
                              "weights: this server takes weights as .safetensors only (convert them with "
-                             "save_pretrained(safe_serialization=True))", 422)
+                             "save_pretrained(safe_serialization=True))")
 
 
 def _set_in(cfg: dict[str, Any], loc: tuple, value: str) -> None:

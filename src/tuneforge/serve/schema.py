@@ -57,9 +57,14 @@ class CredentialsRequest(BaseModel):
 class RequestError(Exception):
     """A bad request: HTTP `status` with a list of {loc, msg} (loc = dotted field path)."""
 
-    def __init__(self, status: int, errors: list[dict[str, str]]):
+    def __init__(self, status: int, errors: list[dict[str, str]], headers: dict[str, str] | None = None):
         super().__init__(errors[0]["msg"] if errors else "bad request")
-        self.status, self.errors = status, errors
+        self.status, self.errors, self.headers = status, errors, headers or {}
+
+
+def refuse(status: int, loc: str, msg: str, headers: dict[str, str] | None = None) -> RequestError:
+    """One bad field: HTTP `status`, its dotted place `loc`, and one line saying why and what to do."""
+    return RequestError(status, [{"loc": loc, "msg": msg}], headers)
 
 
 @dataclass
@@ -116,19 +121,18 @@ def parse_request(body: Any, user: str) -> JobSpec:
 def refuse_expansion(body: dict[str, Any]) -> None:
     """`${` anywhere in a request (credentials aside) is a 422 naming its place: a job expands nothing, so the
     server's environment never reaches a job through a value (the seed's args included, mapped or not)."""
-    from tuneforge.config.confine import find_variable
+    from tuneforge.config.confine import GuestError, refuse_variables
 
     for top in ("input", "config"):
         node = body.get(top)
         if isinstance(node, dict):
             node = {k: v for k, v in node.items() if k != "credentials"}
         try:
-            where = find_variable(node, top)
+            refuse_variables(node, top)
         except RecursionError:
-            raise RequestError(422, [{"loc": top, "msg": "nested too deeply to be a job (check the brackets)"}]) from None
-        if where:
-            raise RequestError(422, [{"loc": where, "msg": "'${' found: values of a job are never expanded from the "
-                                                         "server's environment (write the value out)"}])
+            raise refuse(422, top, "nested too deeply to be a job (check the brackets)") from None
+        except GuestError as exc:
+            raise refuse(exc.status, exc.loc, exc.msg) from None
 
 
 def validate_config(raw: dict[str, Any], loc_prefix: str):
