@@ -35,15 +35,10 @@ class DPORecipe:
         self.before = pairs.evaluate_before(ctx, self.name, self.evaluate)
 
     def collate(self, micro, split: str = "train") -> dict:
-        batch = pairs.collate_pairs(micro.items, self.ctx.tokenizer.pad_token_id, self.packed)
-        ref = self.ref.values(split, micro.units)
-        if ref is not None:
-            batch["ref_logps"] = torch.tensor([r[0] for r in ref] + [r[1] for r in ref])
-        return pairs.to_device(batch, self.ctx.accel.device)
+        return pairs.collate_referenced_pairs(self.ctx, micro, split, self.ref, self.packed)
 
     def reference_rows(self, batch: dict) -> torch.Tensor:
-        ref, n = self.ref.logps(batch), self.count(batch)
-        return torch.stack([ref[:n], ref[n:]], dim=1)
+        return pairs.reference_pair_rows(self.ref, batch)
 
     def batches(self, sb) -> list[dict]:
         return [self.collate(mb) for mb in sb.micro]

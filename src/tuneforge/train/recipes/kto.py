@@ -43,11 +43,7 @@ class KTORecipe:
     def collate(self, micro, split: str = "train") -> dict:
         ctx = self.ctx
         if split == "eval":  # held-out pairs: accuracy of the implicit reward, as for DPO
-            batch = pairs.collate_pairs(micro.items, ctx.tokenizer.pad_token_id, self.packed)
-            ref = self.ref.values(split, micro.units)
-            if ref is not None:
-                batch["ref_logps"] = torch.tensor([r[0] for r in ref] + [r[1] for r in ref])
-            return pairs.to_device(batch, ctx.accel.device)
+            return pairs.collate_referenced_pairs(ctx, micro, split, self.ref, self.packed)
         units = micro.units or [0]
         partners = [self.items[(u - 1) % len(self.items)] for u in units]
         batch = pairs.collate_unpaired(micro.items, ctx.tokenizer.pad_token_id, self.packed, partners)
@@ -58,8 +54,7 @@ class KTORecipe:
 
     def reference_rows(self, batch: dict) -> torch.Tensor:
         if "kl" not in batch:  # eval pairs
-            ref, n = self.ref.logps(batch), self.count(batch)
-            return torch.stack([ref[:n], ref[n:]], dim=1)
+            return pairs.reference_pair_rows(self.ref, batch)
         return torch.stack([self.ref.logps(batch), self.ref.logps(batch["kl"])], dim=1)
 
     def batches(self, sb) -> list[dict]:

@@ -100,6 +100,22 @@ def collate_pairs(pairs: list, pad_id: int, packed: bool) -> dict[str, torch.Ten
     return {**collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, packed), "n_pairs": torch.tensor(len(pairs))}
 
 
+def collate_referenced_pairs(ctx, micro, split: str, ref, packed: bool) -> dict[str, torch.Tensor]:
+    """A micro-batch of pairs on the device, with their precomputed reference log-probs (chosen, then rejected)
+    when `ref` (train/recipes/reference.py) holds them."""
+    batch = collate_pairs(micro.items, ctx.tokenizer.pad_token_id, packed)
+    values = ref.values(split, micro.units)
+    if values is not None:
+        batch["ref_logps"] = torch.tensor([r[0] for r in values] + [r[1] for r in values])
+    return to_device(batch, ctx.accel.device)
+
+
+def reference_pair_rows(ref, batch: dict) -> torch.Tensor:
+    """(pairs, 2) reference log-probs of a collated batch of pairs: what `ref.precompute` keeps per pair."""
+    logps, n = ref.logps(batch), count(batch)
+    return torch.stack([logps[:n], logps[n:]], dim=1)
+
+
 def collate_unpaired(examples: list, pad_id: int, packed: bool, partners: list | None = None) -> dict[str, torch.Tensor]:
     """KTO: B examples, and under "kl" B mismatched sequences (prompt i + the completion of partners[i];
     default: of example i-1, as TRL) for the KL reference point."""
