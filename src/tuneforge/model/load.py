@@ -105,7 +105,7 @@ def load_tokenizer(source: str, cfg: ModelConfig | None = None):
         else:
             tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=bool(cfg and cfg.trust_remote_code))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{place}: cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
     apply_template_override(tok, cfg.chat_template if cfg else None)
     if cfg and cfg.add_tokens:
         # Special: never split or merged by the tokenizer. Training grows the embeddings to match.
