@@ -7,14 +7,14 @@ from pathlib import Path
 
 from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import UserError
-from tuneforge.rundir import RunDir
+from tuneforge.rundir import RunDir, read_run_info
 
 
 def describe(path: str | Path) -> dict:
     """-> {"kind": "lora"|"full"|"model", "weights": dir with weights, "base": base source or None}."""
     p = Path(path)
     if RunDir(p).exists():
-        info = json.loads(RunDir(p).info_path.read_text())
+        info = read_run_info(p)
         if info.get("status") != "finished":
             raise UserError(f"{p}: the run has not finished (status {info.get('status')}); finish it with `tuneforge train CONFIG --resume`")
         return {"kind": info["finetune"], "weights": RunDir(p).final, "base": _base_source(info)}
