@@ -74,23 +74,24 @@ def serve(ctx: typer.Context, host: str = typer.Option("127.0.0.1", help="Interf
 
     from tuneforge.serve.api import create_app
     from tuneforge.serve.limits import Limits, parse_size
-    from tuneforge.serve.worker import default_concurrency
+    from tuneforge.serve.paths import GuestPolicy
+    from tuneforge.serve.worker import default_concurrency, sandbox_problem
 
     limits = Limits(max_jobs=max_jobs_per_user, max_checkpoints=max_checkpoints, page_size=page_size)
     if max_num_proc:
         limits.max_num_proc = max_num_proc
     if disk_quota is not None:
         limits.disk_quota = parse_size(disk_quota) or None
+    # Every option is checked before the store is opened: a refused start leaves nothing behind.
+    guest = GuestPolicy(tuple(allow_tracker), sandbox, limits.disk_quota)
+    problem = sandbox_problem() if sandbox else None
+    if problem:
+        raise UserError(problem)
     if concurrency is None:
         concurrency = max(1, default_concurrency() // gpus_per_job)
     application = create_app(data_dir, db, concurrency, max_body,
                              gpus_per_job=gpus_per_job, limits=limits, docs=docs)
-    from tuneforge.serve.paths import GuestPolicy
-    from tuneforge.serve.worker import sandbox_problem
-
-    if sandbox and sandbox_problem():
-        raise UserError(sandbox_problem())
-    application.state.worker.guest = GuestPolicy(tuple(allow_tracker), sandbox, limits.disk_quota)
+    application.state.worker.guest = guest
     console.print(f"tuneforge serve: http://{host}:{port}  data: {data_dir.resolve()}")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
