@@ -194,3 +194,6 @@ def test_prepare_renders_and_checks_prompt_rows(base, tmp_path):
                                                                                    {"role": "assistant", "content": "b"}]}])
     proc = run_cli_inprocess("prepare", str(config(tmp_path, model, bad, "prep_bad")))
     assert_user_error(proc, "bad.jsonl row 2", "ends with an assistant turn")
+    pushed = run_cli_inprocess("prepare", str(config(tmp_path, model, prompts, "prep_push")), "--push-to", "me/x")
+    assert_user_error(pushed, "--push-to", "prompt rows are not exported")  # refused before any work: nothing written
+    assert not (tmp_path / "prep_push").exists()

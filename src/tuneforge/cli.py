@@ -126,14 +126,14 @@ def prepare(config: Path, overrides: Optional[List[str]] = SetOpt,
 
     check_prepare_dir(cfg.run_dir, cfg.config_path, cfg.output.overwrite)
     if push_to:
+        if cfg.train.method == "grpo":
+            raise UserError("--push-to: train.method grpo's prompt rows are not exported (push the source file itself)")
         export.check_push(push_to)  # no token / offline / a bad repo id: said before any work
         cfg.data.export_dir = cfg.data.export_dir or str(cfg.run_dir / "data")
     tok = load_tokenizer(resolve_model_dir(cfg.model, console.print, need_weights=False), cfg.model)
     if cfg.train.method == "grpo":  # prompt rows: rendered and checked row by row; nothing to cache or export
         from tuneforge.data.prompts import prepare_prompts
 
-        if push_to:
-            raise UserError("--push-to: train.method grpo's prompt rows are not exported (push the source file itself)")
         data = prepare_prompts(cfg.data, tok, cfg.grpo.max_completion_length)
     else:
         data = run_prepare(cfg.data, tok, log=console.print)
