@@ -76,7 +76,7 @@ def resolve(ref: str) -> Any:
         obj = _installed(ref)
         if obj is not None:
             return obj
-    if ":" in ref:
+    else:
         module, _, attr = ref.partition(":")
         try:
             return getattr(importlib.import_module(module), attr)
