@@ -157,7 +157,11 @@ def checkpoint_weights(ckpt: Path) -> dict:
 
         return {plain_name(k): v for k, v in load_file(ckpt / "model.safetensors").items()}
     if (ckpt / "latest").is_file():  # accelerate + DeepSpeed: the engine's shards, consolidated to fp32 on CPU
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError:
+            raise UserError(f"{ckpt}: a DeepSpeed checkpoint, and DeepSpeed is not installed here "
+                            "(pip install 'tuneforge[deepspeed]' to merge it)") from None
 
         return {plain_name(k): v for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), exclude_frozen_parameters=True).items()}
     raise UserError(f"{ckpt}: no weights merge can read (model.safetensors, or DeepSpeed shards with a 'latest' file); an FSDP "
