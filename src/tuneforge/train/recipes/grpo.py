@@ -247,11 +247,9 @@ class GRPORecipe:
             with eval_mode(ctx.model), ctx.accel.autocast():
                 if self.g.num_iterations > 1:
                     b["old_logps"] = self._token_logps(model, on).cpu()
-                if self.ref is not None and self.ref.kind == "adapter_disabled":
-                    with model.disable_adapter():
-                        b["ref_logps"] = self._token_logps(model, on).cpu()
-                elif self.ref is not None:
-                    b["ref_logps"] = self._token_logps(self.ref.model, on).cpu()
+                if self.ref is not None:
+                    with self.ref.active() as ref_model:
+                        b["ref_logps"] = self._token_logps(ref_model, on).cpu()
 
     def _token_logps(self, model, batch: dict) -> torch.Tensor:
         return completion_logps(model, batch, self.g.temperature)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -45,16 +46,22 @@ class Reference:
         resize_embeddings(ref, self.ctx.tokenizer)  # same rows as the policy got
         return ref.requires_grad_(False).eval()
 
+    @contextmanager
+    def active(self):
+        """The model that computes reference values: the policy with its adapter off, or the frozen copy."""
+        if self.kind == "adapter_disabled":
+            model = self.ctx.plain_model
+            with model.disable_adapter():
+                yield model
+        else:
+            yield self.model
+
     def logps(self, batch: dict) -> torch.Tensor:
         """Summed log-probs of the batch's sequences under the reference (no gradient)."""
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        with torch.no_grad():
-            if self.kind == "adapter_disabled":
-                model = self.ctx.plain_model
-                with model.disable_adapter():
-                    return sequence_logps(forward(model, batch), batch)[0]
-            return sequence_logps(forward(self.model, batch), batch)[0]
+        with torch.no_grad(), self.active() as model:
+            return sequence_logps(forward(model, batch), batch)[0]
 
     def values(self, split: str, units: list[int]) -> list | None:
         """The precomputed values of these items (None unless precomputed). A dummy eval batch has no units."""
