@@ -118,3 +118,18 @@ def test_launch_without_skypilot_says_how(tmp_path, monkeypatch):
         launch_task(tmp_path / "job.sky.yaml", print)
     proc = run_cli("launch", tmp_path / "missing.yaml", "--on", "k8s")
     assert_user_error(proc, "skypilot")
+
+
+def test_launch_mounts_every_local_input_the_schema_marks(tmp_path):
+    """lora.init_from and a DeepSpeed JSON are inputs too: found from the schema's PathField markers, not a list."""
+    from tuneforge.config.schema import Config
+    from tuneforge.serve.skypilot import input_mounts
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "ds.json").write_text("{}")
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    raw = {"model": {"path": "org/model"}, "data": {"train": [{"path": str(tmp_path / "a.jsonl")}]},
+           "lora": {"init_from": str(tmp_path / "adapter")}, "train": {"deepspeed": str(tmp_path / "ds.json")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    mounts = input_mounts(Config.model_validate(raw), tmp_path / "c.yaml")
+    assert sorted(mounts.values()) == sorted(str((tmp_path / n).resolve()) for n in ("a.jsonl", "adapter", "ds.json"))

@@ -330,16 +330,11 @@ def is_hub_id(path: str) -> bool:
 
 
 def _input_paths(cfg: Config) -> list[tuple[str, str]]:
-    """(config place, path) of every local file or folder the config reads."""
-    out = [("model.path", cfg.model.path)] + ([("model.tokenizer", cfg.model.tokenizer)] if cfg.model.tokenizer else [])
-    tpl = cfg.model.chat_template
-    if tpl and tpl.endswith((".jinja", ".j2")):
-        out.append(("model.chat_template", tpl))
-    for section in ("train", "eval"):
-        for i, spec in enumerate(getattr(cfg.data, section)):
-            if spec.path:
-                out.append((f"data.{section}.{i}.path", spec.path))
-    return out
+    """(config place, path) of every local file or folder the config reads: the fields the schema marks
+    PathField("read"), so one added later (lora.init_from, train.deepspeed, ...) is checked and mounted too."""
+    from tuneforge.config.confine import path_slots
+
+    return [(slot.dotted, slot.value) for slot in path_slots(cfg) if slot.marker.role == "read"]
 
 
 def _is_special(p: Path) -> bool:
