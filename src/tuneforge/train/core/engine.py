@@ -130,7 +130,7 @@ def generate_eval(trainer, step: int, tag: str) -> dict:
     refs = [c[i]["content"] for c, i in zip(convs, last)]
     from tuneforge.progress import phase
 
-    model, chunk, preds = unwrap(accel, trainer.model), 8, []
+    model, chunk, preds = trainer.plain_model, 8, []
     # Each process generates for all prompts; only the main one shows progress (a bar, or a line every ~10 s piped).
     with phase(f"generate_eval ({tag})", total=len(prompts), log=trainer.log, tty=None if accel.is_main_process else False) as p:
         for i in range(0, len(prompts), chunk):

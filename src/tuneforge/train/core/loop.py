@@ -258,8 +258,9 @@ class Trainer:
             self.tracker.close()
             if self.cfg.tracking.plot:
                 plot_loss(self.run.root)
-            if generate_eval_before(self.run):
-                summary["generate_eval_before"] = generate_eval_before(self.run)
+            before = generate_eval_before(self.run)
+            if before:
+                summary["generate_eval_before"] = before
             info = hook(self.recipe, "run_info")
             self.run.finish(final_dir=str(self.run.final), summary=summary, **(info() if info else {}))
         return summary
