@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.config.importers.table import (
-    BUILTIN_TEMPLATES, NOTE, Default, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, flash_attention, ignored, lookup,
+    BUILTIN_TEMPLATES, NOTE, Default, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, flash_on, ignored, lookup,
     not_mapped, optimizer, positive, same_as, secret, to,
 )
 
@@ -83,12 +83,6 @@ def _special_tokens(v):
     if extra:
         raise NotMapped(f"tuneforge sets only the pad token (model.pad_token); {', '.join(extra)} not supported")
     return {"model.pad_token": v["pad_token"]}
-
-
-def _flash(v):
-    if v is True or str(v).lower() == "true":
-        return flash_attention()
-    raise Ignored("off: tuneforge picks the attention (model.attn_implementation auto)")
 
 
 def _sdpa(v):
@@ -250,7 +244,7 @@ RULES: dict[str, Any] = {
     "loss_watchdog_threshold": to("train.loss_watchdog_threshold"),
     "loss_watchdog_patience": to("train.loss_watchdog_patience"),
     # attention
-    "flash_attention": _flash,
+    "flash_attention": flash_on,
     "sdp_attention": _sdpa,
     "xformers_attention": _xformers,
     "flash_optimum": not_mapped("BetterTransformer is deprecated; tuneforge uses sdpa"),

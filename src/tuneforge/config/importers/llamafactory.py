@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from tuneforge.config.importers.table import (
-    NOTE, Default, Ignored, ImportResult, NotMapped, Translator, flag, flash_attention, ignored, lookup, not_mapped,
+    NOTE, Default, Ignored, ImportResult, NotMapped, Translator, fast_tokenizer_only, flag, flash_attention, ignored, lookup, not_mapped,
     optimizer, positive, same_as, secret, to,
 )
 from tuneforge.errors import UserError
@@ -112,12 +112,6 @@ def _revision(v):
     return {"model.revision": v}
 
 
-def _fast_tokenizer(v):
-    if v is False or str(v).lower() == "false":
-        raise NotMapped("tuneforge always uses the fast (Rust) tokenizer; a slow one cannot be chosen")
-    raise Ignored("tuneforge always uses the fast (Rust) tokenizer")
-
-
 def _special_tokens(v):
     return {"model.add_tokens": [t.strip() for t in str(v).split(",") if t.strip()]}
 
@@ -208,7 +202,7 @@ RULES: dict[str, Any] = {
     "deepspeed": to("train.deepspeed"),
     "plot_loss": ignored("tuneforge always writes RUN_DIR/loss.png"),
     "trust_remote_code": to("model.trust_remote_code"),
-    "use_fast_tokenizer": _fast_tokenizer,
+    "use_fast_tokenizer": fast_tokenizer_only,
     "model_revision": _revision,
     "add_special_tokens": _special_tokens,
     "new_special_tokens": _special_tokens,

@@ -514,3 +514,17 @@ def flash_attention() -> dict:
     return {"model.attn_implementation": "auto",
             NOTE: "flash-attn is not installed here: auto = the best attention available (flash_attention_2 where "
                   "flash-attn and a GPU are present, else sdpa); same results, different speed"}
+
+
+def flash_on(v):
+    """A source's flash-attention switch (axolotl flash_attention, X—LLM use_flash_attention_2)."""
+    if v is True or str(v).lower() == "true":
+        return flash_attention()
+    raise Ignored("off: tuneforge picks the attention (model.attn_implementation auto)")
+
+
+def fast_tokenizer_only(v):
+    """A source's fast-tokenizer switch (LLaMA-Factory use_fast_tokenizer, X—LLM tokenizer_use_fast)."""
+    if v is False or str(v).lower() == "false":
+        raise NotMapped("tuneforge always uses the fast (Rust) tokenizer; a slow tokenizer cannot be chosen")
+    raise Ignored("tuneforge always uses the fast (Rust) tokenizer")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.config.importers.table import (
-    NOTE, Default, Ignored, ImportResult, NotMapped, Translator, empty_or, flag, flash_attention, ignored, not_mapped, optimizer,
+    NOTE, Default, Ignored, ImportResult, NotMapped, Translator, empty_or, fast_tokenizer_only, flag, flash_on, ignored, not_mapped, optimizer,
     same_as, secret, to, when,
 )
 
@@ -63,18 +63,6 @@ def _dataset_key(v):
             NOTE: f"a dataset registered as {v!r} (tuneforge.data.registry.register_dataset) is read when training"}
 
 
-def _tokenizer_fast(v):
-    if v is False or str(v).lower() == "false":
-        raise NotMapped("tuneforge always uses the fast (Rust) tokenizer; a slow tokenizer cannot be chosen")
-    raise Ignored("tuneforge always uses the fast (Rust) tokenizer")
-
-
-def _flash(v):
-    if v is True or str(v).lower() == "true":
-        return flash_attention()
-    raise Ignored("false: tuneforge picks the attention (model.attn_implementation auto)")
-
-
 def _collator(v):
     if v == "lm":  # src/xllm/collators/lm.py: labels are the input ids, every token carries loss
         return {"data.train_on": "all", NOTE: "X—LLM's lm collator puts loss on every token"}
@@ -121,14 +109,14 @@ RULES: dict[str, Any] = {
                                          ignored("false: eval rows stay out of train, as in tuneforge")),
     # tokenizer / collator
     "tokenizer_name_or_path": to("model.tokenizer"),
-    "tokenizer_use_fast": _tokenizer_fast,
+    "tokenizer_use_fast": fast_tokenizer_only,
     "tokenizer_padding_side": _default_only("right", "tuneforge pads on the right for training (packing needs no padding)"),
     "collator_key": _collator,
     "max_length": to("data.max_length"),
     # model
     "model_name_or_path": to("model.path"),
     "push_to_hub_bos_add_bos_token": _default_only(False, "tuneforge pushes the tokenizer config as trained (add_bos_token unchanged)"),
-    "use_flash_attention_2": _flash,
+    "use_flash_attention_2": flash_on,
     "trust_remote_code": to("model.trust_remote_code"),
     "device_map": to("model.device_map"),
     "prepare_model_for_kbit_training": ignored("tuneforge prepares a quantized model for training itself"),
