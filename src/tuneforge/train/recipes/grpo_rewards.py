@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tuneforge import metrics
 from tuneforge.errors import UserError
 
 RewardFn = Callable[..., list]
@@ -33,7 +34,7 @@ RewardFn = Callable[..., list]
 def exact_match(column: str) -> RewardFn:
     """1.0 where the completion, stripped, equals the row's `column` value (stripped); else 0.0."""
     def reward(completions, **columns):
-        return [float(c.strip() == str(ref).strip()) for c, ref in zip(completions, _column(columns, column))]
+        return [float(metrics.exact(c, str(ref))) for c, ref in zip(completions, _column(columns, column))]
     return reward
 
 
@@ -55,7 +56,7 @@ def _parse_json(text: str) -> tuple[bool, Any]:
 
 def valid_json(completions, **_) -> list[float]:
     """1.0 where the completion parses as JSON; else 0.0."""
-    return [float(_parse_json(c)[0]) for c in completions]
+    return [float(metrics.valid_json(c)) for c in completions]
 
 
 def json_schema(schema: dict | None, column: str | None) -> RewardFn:
