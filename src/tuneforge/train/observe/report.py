@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tuneforge.rundir import RUN_INFO, RunDir
 from tuneforge.train.observe.tracking import fsync_write, read_metrics
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ddd}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(500px,1fr));gap:1em}
@@ -121,8 +122,6 @@ def build_report(run_dir: Path) -> str:
 
 def _online_rl(run_dir: Path, rows: list[dict]) -> list[str]:
     """grpo runs: the reward curves and the last generated samples (RUN_DIR/samples.jsonl)."""
-    from tuneforge.rundir import RunDir
-
     if not any("reward" in r for r in rows):
         return []
     e = html.escape
