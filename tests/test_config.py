@@ -123,3 +123,12 @@ def test_a_saved_run_config_validates_again(extra):
     cfg = Config.model_validate(raw)
     again = Config.model_validate(cfg.model_dump(mode="json"))
     assert again.model_dump() == cfg.model_dump()
+
+
+def test_env_vars_expand_in_every_marked_path(tmp_path, monkeypatch):
+    """`${VAR}` expands in each path the schema marks (lora.init_from, export.quantize.calibration), not a hand list."""
+    monkeypatch.setenv("TF_TEST_ROOT", str(tmp_path))
+    cfg = load_config(minimal(tmp_path, lora={"init_from": "${TF_TEST_ROOT}/adapter"},
+                              export={"quantize": {"calibration": "${TF_TEST_ROOT}/calib.jsonl"}}))
+    assert cfg.lora.init_from == f"{tmp_path}/adapter"
+    assert cfg.export.quantize.calibration == f"{tmp_path}/calib.jsonl"

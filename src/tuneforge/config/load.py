@@ -190,23 +190,24 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
             raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section (cannot set {where})")
 
 
-def _path_slots(raw: dict[str, Any]):
-    """(place, mapping, key) of every path in a raw config: where `${VAR}` and `~` are expanded."""
-    sections = {name: raw.get(name) if isinstance(raw.get(name), dict) else {} for name in ("model", "data", "output")}
-    yield "model.path", sections["model"], "path"
-    if sections["model"].get("tokenizer"):
-        yield "model.tokenizer", sections["model"], "tokenizer"
-    if str(sections["model"].get("chat_template", "")).endswith((".jinja", ".j2")):
-        yield "model.chat_template", sections["model"], "chat_template"
-    yield "data.cache_dir", sections["data"], "cache_dir"
-    if sections["data"].get("export_dir"):
-        yield "data.export_dir", sections["data"], "export_dir"
-    yield "output.dir", sections["output"], "dir"
-    for split in ("train", "eval"):
-        specs = sections["data"].get(split)
-        for i, spec in enumerate(specs if isinstance(specs, list) else []):
-            if isinstance(spec, dict):
-                yield f"data.{split}.{i}.path", spec, "path"
+def _path_slots(raw: Any, section: type[BaseModel] = Config, loc: str = ""):
+    """(place, mapping, key) of every file or folder path in a raw config: where `${VAR}` and `~` are expanded.
+    Found from the schema's PathField markers (URIs aside), as the job server finds them (config/confine.py)."""
+    from tuneforge.config.schema import PathField
+
+    if not isinstance(raw, dict):
+        return
+    for name, info in section.model_fields.items():
+        value, place = raw.get(name), f"{loc}{name}"
+        marker = next((m for m in info.metadata if isinstance(m, PathField)), None)
+        if marker is not None:
+            if marker.role != "uri" and isinstance(value, str) and (marker.when is None or value.lower().endswith(marker.when)):
+                yield place, raw, name
+            continue
+        sub = _section_type(info.annotation)
+        if sub is not None:
+            for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+                yield from _path_slots(item, sub, f"{place}.{i}." if i is not None else f"{place}.")
 
 
 def expand_env_paths(raw: dict[str, Any], source: str) -> None:
