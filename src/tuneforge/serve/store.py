@@ -133,8 +133,7 @@ class Store:
     def add_job(self, max_unfinished: int | None = None, **fields) -> Job:
         """Queue a job; with `max_unfinished`, raise QuotaExceeded when its user already has that many unfinished."""
         with self.session.begin() as s:
-            if max_unfinished is not None and s.scalar(select(func.count()).select_from(Job).where(
-                    Job.user == fields["user"], Job.status.in_(UNFINISHED))) >= max_unfinished:
+            if max_unfinished is not None and s.scalar(_count_unfinished(fields["user"])) >= max_unfinished:
                 raise QuotaExceeded(fields["user"])
             seq = (s.scalar(select(Job.seq).order_by(Job.seq.desc()).limit(1)) or 0) + 1
             job = Job(id=fields.pop("id", None) or uuid.uuid4().hex[:16], seq=seq, created_at=time.time(), **fields)
@@ -143,7 +142,7 @@ class Store:
 
     def unfinished(self, user: str) -> int:
         with self.session() as s:
-            return s.scalar(select(func.count()).select_from(Job).where(Job.user == user, Job.status.in_(UNFINISHED)))
+            return s.scalar(_count_unfinished(user))
 
     def get(self, job_id: str) -> Job | None:
         with self.session() as s:
@@ -192,9 +191,7 @@ class Store:
         """The user of a live token (not revoked, not expired), read from the database on every request."""
         now = time.time()
         with self.session() as s:
-            return s.scalar(select(Token.user).where(
-                Token.token_hash == token_hash, Token.revoked_at.is_(None),
-                (Token.expires_at.is_(None)) | (Token.expires_at > now)))
+            return s.scalar(select(Token.user).where(Token.token_hash == token_hash, _live_token(now)))
 
     def tokens(self, user: str | None = None) -> list[Token]:
         with self.session() as s:
@@ -205,10 +202,20 @@ class Store:
         """Revoke one token by id, or every live token of a user; returns how many were revoked."""
         now = time.time()
         with self.session.begin() as s:
-            q = update(Token).where(Token.revoked_at.is_(None), Token.expires_at.is_(None) | (Token.expires_at > now))
+            q = update(Token).where(_live_token(now))
             q = q.where(Token.id == token_id) if token_id is not None else q.where(Token.user == user)
             return s.execute(q.values(revoked_at=now)).rowcount
 
 
 def config_of(job: Job) -> dict[str, Any]:
     return json.loads(job.config_json)
+
+
+def _count_unfinished(user: str):
+    """The number of a user's jobs that are queued, waiting for credentials or running (the per-user quota)."""
+    return select(func.count()).select_from(Job).where(Job.user == user, Job.status.in_(UNFINISHED))
+
+
+def _live_token(now: float):
+    """Token.state(now) == "active" in SQL: not revoked, not expired."""
+    return Token.revoked_at.is_(None) & (Token.expires_at.is_(None) | (Token.expires_at > now))
