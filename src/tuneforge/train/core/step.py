@@ -22,7 +22,9 @@ LossFn = Callable[[torch.nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, d
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on `device`, nested batches too (KTO's "kl" sequences); other values as they are."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def accumulate(accel, model, batches: list[dict], loss: LossFn, count: Callable[[dict], int],

@@ -16,6 +16,7 @@ import torch
 from tuneforge.data.collate import shifted_targets
 from tuneforge.data.render import IGNORE
 from tuneforge.errors import UserError
+from tuneforge.train.core.step import to_device  # the recipes' collates call it as pairs.to_device
 from tuneforge.train.recipes.preference import token_logps
 
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "kto": 0.1}
@@ -127,11 +128,6 @@ def collate_unpaired(examples: list, pad_id: int, packed: bool, partners: list |
     # The KL sequences only need a no-grad forward: a batch of their own, not rows of the trained one.
     return {**batch, "desirable": torch.tensor([e.desirable for e in examples]), "n_pairs": torch.tensor(len(examples)),
             "kl": collate_sequences(shifted, pad_id, packed)}
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 def count(batch) -> int:
