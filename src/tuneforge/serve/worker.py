@@ -210,20 +210,19 @@ class Worker:
         self.quota_checked = time.time()
         jobs = [j for j in (self.store.get(i) for i in self.procs) if j is not None and j.id not in self.over_quota]
         for user in {j.user for j in jobs}:
-            used = user_disk_use(self.store.data_dir, user)
-            if used <= quota:
+            over = self._quota_exceeded(user)
+            if not over:
                 continue
             for job in (j for j in jobs if j.user == user):
-                self.over_quota[job.id] = (f"disk quota exceeded: {user!r} uses {_gib(used)} of {_gib(quota)} "
-                                           "(serve --disk-quota; checkpoints count): the run was stopped")
+                self.over_quota[job.id] = f"{over} (serve --disk-quota; checkpoints count): the run was stopped"
                 self.log(f"job {job.id}: {self.over_quota[job.id]}")
                 self._term(job.id, self.procs[job.id][0].pid)
 
-    def _over_quota_now(self, job: Job) -> str | None:
+    def _quota_exceeded(self, user: str) -> str | None:
+        """'disk quota exceeded: USER uses X of Y' when the user is past the disk quota, else None."""
         quota = self.guest.disk_quota
-        used = user_disk_use(self.store.data_dir, job.user) if quota else 0
-        return (f"disk quota exceeded: {job.user!r} uses {_gib(used)} of {_gib(quota)} (serve --disk-quota): "
-                "free space, then submit again") if quota and used > quota else None
+        used = user_disk_use(self.store.data_dir, user) if quota else 0
+        return f"disk quota exceeded: {user!r} uses {_gib(used)} of {_gib(quota)}" if quota and used > quota else None
 
     def _start_queued(self) -> None:
         free = [i for i in range(self.concurrency) if i not in {s for _, s in self.procs.values()}]
@@ -236,9 +235,10 @@ class Worker:
                 self.store.set(job.id, (QUEUED,), status=NEEDS_CREDENTIALS,
                                reason=f"credentials missing: POST /v1/jobs/{job.id}/credentials")
                 continue
-            full = self._over_quota_now(job)
+            full = self._quota_exceeded(job.user)
             if full:
-                self.store.set(job.id, (QUEUED,), status=FAILED, reason=full, ended_at=time.time())
+                self.store.set(job.id, (QUEUED,), status=FAILED, reason=f"{full} (serve --disk-quota): free space, then submit again",
+                               ended_at=time.time())
                 continue
             slot = free.pop(0)
             if not self.store.set(job.id, (QUEUED,), status=RUNNING, started_at=time.time(), attempts=job.attempts + 1):
