@@ -32,26 +32,26 @@ class SeedInput(BaseModel):
     user_id: Optional[str] = Field(None, max_length=64, description="Must match the token's user when given.")
     model_id: Optional[str] = Field(None, max_length=128, description="A label for the trained model.")
     run_id: Optional[str] = Field(None, max_length=256, description="Names the run folder; unique per user (letters, digits, . _ -).")
-    credentials: Credentials = Field(default_factory=Credentials)
+    credentials: Credentials = Field(default_factory=Credentials, description="Secrets for the job's environment only (never stored).")
     args: dict[str, Any] = Field(description="axolotl-style training arguments.")
 
 
 class SeedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    input: SeedInput
+    input: SeedInput = Field(description="The serverless worker's request: user, run, credentials and axolotl args.")
 
 
 class NativeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     config: dict[str, Any] = Field(description="A tuneforge config (model, data, train, ...).")
-    run_id: Optional[str] = Field(None, max_length=256)
-    model_id: Optional[str] = Field(None, max_length=128)
-    credentials: Credentials = Field(default_factory=Credentials)
+    run_id: Optional[str] = Field(None, max_length=256, description="Names the run folder; unique per user (letters, digits, . _ -).")
+    model_id: Optional[str] = Field(None, max_length=128, description="A label for the trained model.")
+    credentials: Credentials = Field(default_factory=Credentials, description="Secrets for the job's environment only (never stored).")
 
 
 class CredentialsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    credentials: Credentials
+    credentials: Credentials = Field(description="Secrets a job waiting for credentials runs with (memory only).")
 
 
 class RequestError(Exception):
