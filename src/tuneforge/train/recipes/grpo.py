@@ -246,13 +246,10 @@ class GRPORecipe:
             on = pairs.to_device(b, ctx.accel.device)
             with eval_mode(ctx.model), ctx.accel.autocast():
                 if self.g.num_iterations > 1:
-                    b["old_logps"] = self._token_logps(model, on).cpu()
+                    b["old_logps"] = completion_logps(model, on, self.g.temperature).cpu()
                 if self.ref is not None:
                     with self.ref.active() as ref_model:
-                        b["ref_logps"] = self._token_logps(ref_model, on).cpu()
-
-    def _token_logps(self, model, batch: dict) -> torch.Tensor:
-        return completion_logps(model, batch, self.g.temperature)
+                        b["ref_logps"] = completion_logps(ref_model, on, self.g.temperature).cpu()
 
     def _step_scale(self, batches: list[dict]) -> None:
         """Step constants, reduced over processes: the count of the whole step (dapo: 0 when every completion is
