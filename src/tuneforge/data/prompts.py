@@ -22,6 +22,7 @@ from typing import Any
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.formats import BadRow, Messages, _with_system, from_messages
 from tuneforge.data.sources import Row, read_spec
+from tuneforge.errors import UserError
 
 PROMPT_KEYS = ("prompt", "messages")
 RESERVED = ("completions", "completion_ids", "prompts")  # keyword names of a reward call
@@ -86,7 +87,6 @@ def encode(tokenizer, messages: Messages) -> list[int]:
 def prepare_prompts(data_cfg: DataConfig, tokenizer, max_completion_length: int) -> PreparedPrompts:
     """data.train / data.eval -> rendered prompts, split like every dataset (data.eval_split / eval_size / eval)."""
     from tuneforge.data.prepare import _bad_row, _mix, _split, data_fingerprint
-    from tuneforge.errors import UserError
 
     report: dict[str, Any] = {"rows_read": 0, "dropped": Counter(), "bad_row_examples": [], "truncated": 0, "datasets": []}
     room = data_cfg.max_length - max_completion_length  # a prompt plus its longest completion fits data.max_length
