@@ -106,16 +106,20 @@ def test_prompt_rows():
         from_row(Row({"text": "x"}, "p.jsonl", 5), None)
 
 
-def test_vllm_generation_is_refused_where_it_cannot_run():
-    import torch
+def test_values_grpo_cannot_honour_are_refused_when_the_config_loads(tmp_path):
+    # Before anything runs (no data prepared, no run folder): the config itself is refused.
+    from pydantic import ValidationError
 
-    from tuneforge.train.recipes.grpo import refuse_unavailable
+    from tuneforge.config.schema import Config
 
-    refuse_unavailable("transformers")  # the default: nothing to refuse
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the refusal here is about the missing vLLM, checked on GPU machines")
-    with pytest.raises(UserError, match="vllm needs a CUDA GPU"):
-        refuse_unavailable("vllm")
+    base = {"model": {"path": "m"}, "data": {"train": [{"path": "p.jsonl"}]}, "output": {"dir": str(tmp_path / "run")},
+            "train": {"method": "grpo", "micro_batch_size": 8}, "grpo": {"rewards": [{"type": "regex", "pattern": "x"}]}}
+    Config.model_validate(base)  # the default engine and reference are fine
+    with pytest.raises(ValidationError, match="grpo.generation: vllm is not wired"):
+        Config.model_validate({**base, "grpo": {**base["grpo"], "generation": "vllm"}})
+    with pytest.raises(ValidationError, match="precomputed cannot serve grpo"):
+        Config.model_validate({**base, "preference": {"reference": "precomputed"}})
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_job_server_refuses_a_reward_function(tmp_path):

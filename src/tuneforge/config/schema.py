@@ -624,6 +624,13 @@ class Config(Section):
         if code and not self.data.allow_code and os.environ.get("TUNEFORGE_ALLOW_CODE") != "1":
             raise ValueError(f"grpo.rewards: function {code[0]!r} imports and runs Python code named by the config; set "
                              "data.allow_code: true (or TUNEFORGE_ALLOW_CODE=1) only if you trust this config")
+        # Refused here, before any data is prepared or a run folder marked: values this version cannot honour.
+        if g.generation == "vllm":
+            raise ValueError("grpo.generation: vllm is not wired into this version (it would need a CUDA GPU with vLLM "
+                             "installed): use grpo.generation: transformers")
+        if self.preference.reference == "precomputed":
+            raise ValueError("preference.reference: precomputed cannot serve grpo (its completions are generated online): "
+                             "use auto, adapter_disabled or frozen_copy")
         if (t.micro_batch_size * t.grad_accum) % g.num_generations:
             raise ValueError(f"train.micro_batch_size x grad_accum ({t.micro_batch_size} x {t.grad_accum}) counts completions per process "
                              f"and step; it must be a multiple of grpo.num_generations ({g.num_generations}) so each prompt's group stays whole")
