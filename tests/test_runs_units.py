@@ -265,3 +265,14 @@ def test_preflight_refuses_unwritable_output_and_a_disk_too_small(tmp_path):
     with pytest.raises(UserError, match=r"needs ~\d+.* GiB for 2 checkpoint\(s\) and the final model, but only"):
         check_disk(tmp_path, huge, keep=2, saves=True, full=True)
     assert check_disk(tmp_path, torch.nn.Linear(4, 4), keep=2, saves=True, full=True) == (20 * 3 * 4 + 20) * 4
+
+
+def test_a_damaged_run_info_is_one_line(tmp_path):
+    from tuneforge.rundir import read_run_info
+
+    (tmp_path / "run_info.json").write_text('{"status": "fini')  # cut short
+    with pytest.raises(UserError, match=r"run_info.json: not valid JSON"):
+        read_run_info(tmp_path)
+    (tmp_path / "run_info.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a JSON object"):
+        read_run_info(tmp_path)

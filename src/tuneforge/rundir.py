@@ -54,7 +54,13 @@ def read_run_info(run_dir: Path) -> dict:
     path = Path(run_dir) / RUN_INFO
     if not path.is_file():
         raise UserError(f"{run_dir}: not a tuneforge run directory (no {RUN_INFO}); pass the output.dir of a `tuneforge train` run")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # a file cut short by a full disk or edited by hand
+        raise UserError(f"{path}: not valid JSON ({exc}); restore it from the run's last checkpoint folder or retrain") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: holds {type(info).__name__}, not a JSON object; restore it or retrain")
+    return info
 
 
 def update_run_info(run_dir: Path, **fields) -> dict:
