@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 GPTQ_VENV := .venv-gptq
-.PHONY: setup gptq-env llama-cpp browser demo test test-fast bench clean
+.PHONY: setup gptq-env llama-cpp browser bwrap demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -63,7 +63,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install Debian's chromium; the browser tests will say so and skip"
 
-test: setup gptq-env llama-cpp browser $(DEMO_RUN)
+# Debian's bubblewrap for `tuneforge serve --sandbox` (tests/test_serve_guest.py runs its jobs sandboxed where it works).
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) \
+	  || echo "warning: could not install bubblewrap; the job-server tests will run their jobs without --sandbox"
+
+test: setup gptq-env llama-cpp browser bwrap $(DEMO_RUN)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
