@@ -115,12 +115,12 @@ def checkpoint_run(path: Path) -> Path | None:
 def adapter_from_checkpoint(ckpt: Path, run_dir: Path, folder: Path, log) -> None:
     """Write a checkpoint's LoRA weights as a peft adapter folder with the run's tokenizer: the adapter is rebuilt
     from the run's saved config (base, lora section, added tokens), then holds exactly the checkpoint's tensors."""
-    import torch
     import yaml
 
     from tuneforge.config.schema import Config
     from tuneforge.model.adapters import add_lora, embedding_modules, resize_embeddings
     from tuneforge.model.load import load_model, load_tokenizer, resolve_model_dir
+    from tuneforge.train.core.checkpoint import copy_trainable
 
     cfg = Config(**yaml.safe_load(RunDir(run_dir).config.read_text()))
     if cfg.train.finetune != "lora":
@@ -133,13 +133,8 @@ def adapter_from_checkpoint(ckpt: Path, run_dir: Path, folder: Path, log) -> Non
     resized = resize_embeddings(base, tokenizer)
     model = add_lora(base, cfg.lora, embedding_modules(base) if resized else [])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if params.keys() != weights.keys():
-        missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
-        raise UserError(f"{ckpt}: its weights do not match the run's LoRA settings in {run_dir / 'config.yaml'} "
-                        f"(missing {missing[:2]}, unexpected {extra[:2]}); merge the checkpoint of this run's config")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name].to(p.dtype))
+    copy_trainable(params, weights, f"{ckpt}: its weights do not match the run's LoRA settings in {RunDir(run_dir).config}",
+                   "merge the checkpoint of this run's config")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     log(f"adapter rebuilt from checkpoint {ckpt.name} ({len(weights)} tensors) on {base_dir}")

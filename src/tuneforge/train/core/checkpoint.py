@@ -51,22 +51,26 @@ def install_trainable_only_hooks(accel) -> None:
         path = Path(input_dir) / MODEL_FILE
         if not models or not path.is_file():
             return
-        import torch
-
         for model in list(models):
             params = {plain(n): p for n, p in model.named_parameters() if p.requires_grad}
-            saved = load_file(path)
-            if saved.keys() != params.keys():
-                missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
-                raise UserError(f"--resume: {input_dir} holds other trainable weights than this run "
-                                f"(missing {missing[:3]}, unexpected {extra[:3]}); resume needs the same train/lora settings")
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name].to(p.device, p.dtype))
+            copy_trainable(params, load_file(path), f"--resume: {input_dir} holds other trainable weights than this run",
+                           "resume needs the same train/lora settings")
             models.remove(model)  # loaded here: accelerate must not load it again
 
     accel.register_save_state_pre_hook(save_hook)
     accel.register_load_state_pre_hook(load_hook)
+
+
+def copy_trainable(params: dict, saved: dict, what: str, fix: str) -> None:
+    """Copy a checkpoint's trainable tensors into `params` (name -> parameter); names that differ are one line."""
+    import torch
+
+    if saved.keys() != params.keys():
+        missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+        raise UserError(f"{what} (missing {missing[:3]}, unexpected {extra[:3]}); {fix}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
 
 
 def save(accel, run: RunDir, step: int, meta: dict, keep: int, recipe_state: dict | None = None) -> Path:
